@@ -1,0 +1,125 @@
+"""Paged attention over the block-structured KV cache, in plain PyTorch.
+
+The forward pass works on a flat list of the step's new tokens ``[T]`` (decodes and prefill
+chunks of many sequences mixed). Each token's K/V are written to its cache slot
+(``slot_mapping``); attention then gathers every sequence's context from its slots into a padded
+``[B, ctx]`` layout and runs one ``scaled_dot_product_attention`` for the whole batch.
+
+GQA without repeating K/V: the ``g = n_heads / n_kv_heads`` query heads that share a KV head are
+folded into the query-length axis, so queries are ``[B, n_kv, g * q, d]`` against keys
+``[B, n_kv, ctx, d]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Everything attention needs about one step's batch (shared by all layers)."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    ctx_slots: torch.Tensor  # [B, max_ctx] cache slot of each context position (padding -> 0)
+    batch_size: int
+    max_q: int
+    q_index: torch.Tensor | None  # [T] position of each token in the padded [B * max_q]; None if max_q == 1
+    attn_mask: torch.Tensor | None  # [B, 1, g * max_q, max_ctx] bool, True = attend; None = attend all
+
+    @staticmethod
+    def build(
+        q_lens: list[int],
+        ctx_lens: list[int],
+        block_tables: list[list[int]],
+        slot_mapping: list[int],
+        group: int,
+        block_size: int,
+        sliding_window: int | None = None,
+    ) -> "AttentionMetadata":
+        """Build metadata from per-sequence query lengths (new tokens this step), context lengths
+        (tokens in cache after this step, new ones included) and block tables."""
+        B = len(q_lens)
+        max_q = max(q_lens)
+        max_ctx = max(ctx_lens)
+        n_blocks = -(-max_ctx // block_size)
+        bt = torch.tensor([t[:n_blocks] + [0] * (n_blocks - len(t[:n_blocks])) for t in block_tables], dtype=torch.long)
+        # slot of every context position: block * block_size + offset; padding lands in block 0
+        ctx_slots = (bt[:, :, None] * block_size + torch.arange(block_size)).view(B, -1)[:, :max_ctx]
+        uniform = max_q == 1 and min(ctx_lens) == max_ctx
+        mask = None
+        q_index = None
+        if max_q > 1:
+            q_index = torch.tensor(
+                [i * max_q + j for i, ql in enumerate(q_lens) for j in range(ql)], dtype=torch.long
+            )
+        if not uniform or sliding_window is not None:
+            qt = torch.tensor(q_lens)
+            ct = torch.tensor(ctx_lens)
+            j = torch.arange(max_q)
+            q_pos = (ct - qt)[:, None] + j[None, :]  # [B, max_q] absolute position of each query
+            k_pos = torch.arange(max_ctx)[None, None, :]
+            m = k_pos <= q_pos[..., None]  # causal, and bounded by the sequence's own context
+            if sliding_window is not None:
+                m &= k_pos > (q_pos[..., None] - sliding_window)
+            pad_q = j[None, :] >= qt[:, None]  # padded query rows: attend to slot 0 to avoid NaN
+            m[..., 0] |= pad_q
+            mask = m[:, None, None].expand(B, 1, group, max_q, max_ctx).reshape(B, 1, group * max_q, max_ctx)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
+            ctx_slots=ctx_slots,
+            batch_size=B,
+            max_q=max_q,
+            q_index=q_index,
+            attn_mask=mask,
+        )
+
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        if device.type == "cpu":
+            return self
+        return AttentionMetadata(
+            self.slot_mapping.to(device, non_blocking=True),
+            self.ctx_slots.to(device, non_blocking=True),
+            self.batch_size,
+            self.max_q,
+            None if self.q_index is None else self.q_index.to(device, non_blocking=True),
+            None if self.attn_mask is None else self.attn_mask.to(device, non_blocking=True),
+        )
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, n_heads, d]
+    k: torch.Tensor,  # [T, n_kv, d]
+    v: torch.Tensor,  # [T, n_kv, d]
+    k_cache: torch.Tensor,  # [num_slots, n_kv, d]
+    v_cache: torch.Tensor,  # [num_slots, n_kv, d]
+    meta: AttentionMetadata,
+    scale: float,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:  # [T, n_heads * d]
+    T, n_heads, d = q.shape
+    n_kv = k.shape[1]
+    g = n_heads // n_kv
+    B, max_q = meta.batch_size, meta.max_q
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    K = k_cache[meta.ctx_slots].transpose(1, 2)  # [B, n_kv, ctx, d]
+    V = v_cache[meta.ctx_slots].transpose(1, 2)
+    if meta.q_index is None:
+        qp = q.view(B, n_kv, g, d)  # q_len == 1: heads of a group are the query rows
+    else:
+        qp = q.new_zeros(B * max_q, n_heads, d)
+        qp[meta.q_index] = q
+        qp = qp.view(B, max_q, n_kv, g, d).permute(0, 2, 3, 1, 4).reshape(B, n_kv, g * max_q, d)
+    if compute_dtype is not None and compute_dtype != q.dtype:
+        out = F.scaled_dot_product_attention(
+            qp.to(compute_dtype), K.to(compute_dtype), V.to(compute_dtype), attn_mask=meta.attn_mask, scale=scale
+        ).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(qp, K, V, attn_mask=meta.attn_mask, scale=scale)
+    if meta.q_index is None:
+        return out.reshape(T, n_heads * d)
+    out = out.view(B, n_kv, g, max_q, d).permute(0, 3, 1, 2, 4).reshape(B * max_q, n_heads * d)
+    return out[meta.q_index]

@@ -1,0 +1,225 @@
+"""Native PyTorch Llama family: llama (incl. llama3 rope scaling), mistral, qwen2, qwen3.
+
+One implementation covers the family; the differences are config flags: q/k/v biases (qwen2),
+per-head q/k RMSNorm (qwen3), sliding-window attention (mistral), tied embeddings, GQA.
+
+Weights are stored for speed on CPU: q/k/v and gate/up are fused into one matrix each, and
+matrices are kept transposed (``[in, out]``) so a projection is one ``x @ W`` (measured faster
+than ``F.linear`` at batch 1 on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework.errors import ModelLoadError
+from framework.models.attention import AttentionMetadata, paged_attention
+from framework.models.config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, with linear or llama3 scaling applied."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    rtype = rs.get("rope_type", rs.get("type"))
+    factor = float(rs["factor"])
+    if rtype == "linear":
+        return inv_freq / factor
+    # llama3 (Llama 3.1 report): long wavelengths are slowed by `factor`, short ones kept,
+    # and the band in between interpolated smoothly.
+    low_ff = float(rs.get("low_freq_factor", 1.0))
+    high_ff = float(rs.get("high_freq_factor", 4.0))
+    old_len = float(rs.get("original_max_position_embeddings", 8192))
+    low_wavelen = old_len / low_ff
+    high_wavelen = old_len / high_ff
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family decoder. ``forward`` takes the step's flat tokens and returns hidden states."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = torch.device(device)
+        H, L = cfg.hidden_size, cfg.num_hidden_layers
+        nh, nkv, hd, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+        self.q_size, self.kv_size = nh * hd, nkv * hd
+        self.scale = hd**-0.5
+        kw = dict(dtype=dtype, device=self.device)
+        e = torch.empty
+        self.embed = nn.Parameter(e(cfg.vocab_size, H, **kw), requires_grad=False)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else nn.Parameter(e(cfg.vocab_size, H, **kw), requires_grad=False)
+        self.norm = nn.Parameter(e(H, **kw), requires_grad=False)
+        self.layers = nn.ModuleList()
+        for _ in range(L):
+            layer = nn.Module()
+            layer.in_norm = nn.Parameter(e(H, **kw), requires_grad=False)
+            layer.post_norm = nn.Parameter(e(H, **kw), requires_grad=False)
+            layer.qkv_t = nn.Parameter(e(H, self.q_size + 2 * self.kv_size, **kw), requires_grad=False)
+            layer.qkv_b = nn.Parameter(e(self.q_size + 2 * self.kv_size, **kw), requires_grad=False) if cfg.attention_bias else None
+            layer.o_t = nn.Parameter(e(self.q_size, H, **kw), requires_grad=False)
+            # qwen2 has q/k/v biases only; llama/qwen3 with attention_bias also bias o_proj
+            layer.o_b = nn.Parameter(e(H, **kw), requires_grad=False) if cfg.attention_bias and cfg.model_type != "qwen2" else None
+            layer.q_norm = nn.Parameter(e(hd, **kw), requires_grad=False) if cfg.qk_norm else None
+            layer.k_norm = nn.Parameter(e(hd, **kw), requires_grad=False) if cfg.qk_norm else None
+            layer.gate_up_t = nn.Parameter(e(H, 2 * inter, **kw), requires_grad=False)
+            layer.down_t = nn.Parameter(e(inter, H, **kw), requires_grad=False)
+            self.layers.append(layer)
+        inv_freq = rope_inv_freq(cfg)
+        self._rope_len = 0
+        self.register_buffer("inv_freq", inv_freq.to(self.device), persistent=False)
+        self._ensure_rope(min(cfg.max_position_embeddings, 4096))
+        # bf16/fp16 attention on CPU is several times slower than fp32: compute it in fp32 there.
+        self.attn_dtype = torch.float32 if self.device.type == "cpu" and dtype != torch.float32 else None
+
+    # ------------------------------------------------------------------------------ rope
+    def _ensure_rope(self, n: int) -> None:
+        if n <= self._rope_len:
+            return
+        n = max(n, 2 * self._rope_len)
+        freqs = torch.outer(torch.arange(n, device=self.device, dtype=torch.float32), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(self.dtype)  # [n, hd]
+        self.sin = emb.sin().to(self.dtype)
+        self._rope_len = n
+
+    # ------------------------------------------------------------------------------ forward
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
+        # half precision: normalise in fp32, cast back, then scale (as transformers does)
+        return w * F.rms_norm(x.float(), (x.shape[-1],), None, self.cfg.rms_norm_eps).to(x.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v): [slots, n_kv, hd]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, H] final-normed hidden states
+        cfg = self.cfg
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        T = input_ids.shape[0]
+        self._ensure_rope(int(positions.max()) + 1)
+        cos = self.cos[positions][:, None, :]  # [T, 1, hd]
+        sin = self.sin[positions][:, None, :]
+        h = F.embedding(input_ids, self.embed)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = self._rms(h, layer.in_norm)
+            qkv = x @ layer.qkv_t if layer.qkv_b is None else torch.addmm(layer.qkv_b, x, layer.qkv_t)
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            q = q.view(T, nh, hd)
+            k = k.view(T, nkv, hd)
+            v = v.view(T, nkv, hd)
+            if layer.q_norm is not None:
+                q = self._rms(q, layer.q_norm)
+                k = self._rms(k, layer.k_norm)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            a = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.attn_dtype)
+            a = a @ layer.o_t if layer.o_b is None else torch.addmm(layer.o_b, a, layer.o_t)
+            h = h + a
+            x = self._rms(h, layer.post_norm)
+            gu = x @ layer.gate_up_t
+            g, u = gu.chunk(2, dim=-1)
+            h = h + (F.silu(g) * u) @ layer.down_t
+        return self._rms(h, self.norm)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] float32
+        return F.linear(hidden, self.lm_head).float()
+
+    # ------------------------------------------------------------------------------ weights
+    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
+        """Hugging Face tensor names this model needs, with their shapes."""
+        cfg = self.cfg
+        H, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        out: dict[str, tuple[int, ...]] = {
+            "model.embed_tokens.weight": (cfg.vocab_size, H),
+            "model.norm.weight": (H,),
+        }
+        if not cfg.tie_word_embeddings:
+            out["lm_head.weight"] = (cfg.vocab_size, H)
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            out[p + "input_layernorm.weight"] = (H,)
+            out[p + "post_attention_layernorm.weight"] = (H,)
+            out[p + "self_attn.q_proj.weight"] = (self.q_size, H)
+            out[p + "self_attn.k_proj.weight"] = (self.kv_size, H)
+            out[p + "self_attn.v_proj.weight"] = (self.kv_size, H)
+            out[p + "self_attn.o_proj.weight"] = (H, self.q_size)
+            if layer.qkv_b is not None:
+                out[p + "self_attn.q_proj.bias"] = (self.q_size,)
+                out[p + "self_attn.k_proj.bias"] = (self.kv_size,)
+                out[p + "self_attn.v_proj.bias"] = (self.kv_size,)
+            if layer.o_b is not None:
+                out[p + "self_attn.o_proj.bias"] = (H,)
+            if layer.q_norm is not None:
+                out[p + "self_attn.q_norm.weight"] = (hd,)
+                out[p + "self_attn.k_norm.weight"] = (hd,)
+            out[p + "mlp.gate_proj.weight"] = (inter, H)
+            out[p + "mlp.up_proj.weight"] = (inter, H)
+            out[p + "mlp.down_proj.weight"] = (H, inter)
+        return out
+
+    @torch.no_grad()
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face tensors (name, tensor) into the fused, transposed layout.
+
+        The loader has already checked names and shapes against :meth:`expected_tensors`.
+        """
+        q, kv = self.q_size, self.kv_size
+        inter = self.cfg.intermediate_size
+        for name, t in tensors:
+            t = t.to(device=self.device, dtype=self.dtype)
+            if name == "model.embed_tokens.weight":
+                self.embed.copy_(t)
+            elif name == "lm_head.weight":
+                self.lm_head.copy_(t)
+            elif name == "model.norm.weight":
+                self.norm.copy_(t)
+            elif name.startswith("model.layers."):
+                idx, rest = name[len("model.layers."):].split(".", 1)
+                layer = self.layers[int(idx)]
+                dst = {
+                    "input_layernorm.weight": lambda: layer.in_norm,
+                    "post_attention_layernorm.weight": lambda: layer.post_norm,
+                    "self_attn.q_proj.weight": lambda: layer.qkv_t[:, :q],
+                    "self_attn.k_proj.weight": lambda: layer.qkv_t[:, q : q + kv],
+                    "self_attn.v_proj.weight": lambda: layer.qkv_t[:, q + kv :],
+                    "self_attn.q_proj.bias": lambda: layer.qkv_b[:q],
+                    "self_attn.k_proj.bias": lambda: layer.qkv_b[q : q + kv],
+                    "self_attn.v_proj.bias": lambda: layer.qkv_b[q + kv :],
+                    "self_attn.o_proj.weight": lambda: layer.o_t,
+                    "self_attn.o_proj.bias": lambda: layer.o_b,
+                    "self_attn.q_norm.weight": lambda: layer.q_norm,
+                    "self_attn.k_norm.weight": lambda: layer.k_norm,
+                    "mlp.gate_proj.weight": lambda: layer.gate_up_t[:, :inter],
+                    "mlp.up_proj.weight": lambda: layer.gate_up_t[:, inter:],
+                    "mlp.down_proj.weight": lambda: layer.down_t,
+                }.get(rest)
+                if dst is None:
+                    raise ModelLoadError(f"unexpected tensor {name!r}")
+                target = dst()
+                target.copy_(t.t() if t.dim() == 2 else t)
+            else:
+                raise ModelLoadError(f"unexpected tensor {name!r}")
