@@ -20,14 +20,14 @@ import torch
 from pydantic import ValidationError
 
 from framework.config import EngineConfig, default_num_threads
-from framework.errors import InvalidRequestError
+from framework.errors import ConfigError, InvalidRequestError
 from framework.kv_cache import BlockManager, KVCacheStorage
 from framework.model_runner import ModelRunner
 from framework.models.loader import load_model
 from framework.outputs import RequestMetrics, RequestOutput, StepStats
 from framework.plugins import PluginManager, get_plugin_manager
 from framework.sampling import SamplingBatch
-from framework.sampling_params import SamplingParams
+from framework.sampling_params import SamplingParams, format_validation_error
 from framework.scheduler import Scheduler
 from framework.sequence import Request, Sequence, SeqStatus
 
@@ -48,21 +48,9 @@ def params_from(value: SamplingParams | dict[str, Any] | None) -> SamplingParams
         return SamplingParams()
     if isinstance(value, SamplingParams):
         return value
-    try:
-        return SamplingParams(**value)
-    except ValidationError as exc:
-        raise InvalidRequestError(format_validation_error(exc, "sampling params")) from None
-    except TypeError as exc:
-        raise InvalidRequestError(f"invalid sampling params: {exc}") from None
-
-
-def format_validation_error(exc: ValidationError, what: str) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or what
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{loc}: {msg}")
-    return f"invalid {what}: " + "; ".join(parts)
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"sampling params must be SamplingParams or a dict, not {type(value).__name__}")
+    return SamplingParams(**value)
 
 
 class LLMEngine:
@@ -81,7 +69,7 @@ class LLMEngine:
             try:
                 config = EngineConfig(**engine_args)
             except ValidationError as exc:
-                raise InvalidRequestError(format_validation_error(exc, "engine config")) from None
+                raise ConfigError(format_validation_error(exc, "engine config")) from None
         elif engine_args:
             config = config.model_copy(update=engine_args)
         self.config = config

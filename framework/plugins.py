@@ -144,7 +144,7 @@ class PluginManager:
         hook = getattr(self.pm.hook, hook_name)
         registry = self.registries[kind]
         # Call each implementation separately so every registration knows its source plugin.
-        for impl in reversed(hook.get_hookimpls()):  # pluggy lists last-registered first
+        for impl in hook.get_hookimpls():  # registration order: built-ins first
             source = impl.plugin_name
 
             def register(name: str, factory: Any, *, params: type | None = None, _src: str = source) -> None:

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from framework.errors import InvalidRequestError
+
+
+def format_validation_error(exc: ValidationError, what: str) -> str:
+    """``invalid sampling params: top_p: Input should be less than or equal to 1``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or what
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}")
+    return f"invalid {what}: " + "; ".join(parts)
 
 
 class SamplingParams(BaseModel):
     """What to generate for one request. ``temperature=0`` means greedy.
 
     Unknown fields are errors (``extra="forbid"``); out-of-range values raise
-    ``pydantic.ValidationError`` (a ``ValueError``) naming the field.
+    :class:`~framework.errors.InvalidRequestError` (a ``ValueError``) naming the field.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise InvalidRequestError(format_validation_error(exc, "sampling params")) from None
 
     n: int = Field(1, ge=1, le=128, description="completions to return; they share the prompt's KV blocks")
     max_tokens: int = Field(16, ge=1, description="most tokens to generate")
