@@ -233,8 +233,10 @@ def load_tokenizer(
         registry = plugin_manager.registry("tokenizer")
         reg = next((r for r in registry if r.factory.can_load(directory)), None)
         if reg is None:
+            # Factories may list their file patterns in ``looks_for`` so this message can name them.
             looked_for = "; ".join(
-                f"{', '.join(getattr(r.factory, 'looks_for', None) or ('?',))} ({r.name})" for r in registry
+                f"{' or '.join(getattr(r.factory, 'looks_for', None) or ('files its can_load() accepts',))} ({r.name})"
+                for r in registry
             )
             raise TokenizerError(
                 f"no tokenizer found in {str(directory)!r}: looked for {looked_for or 'nothing (no tokenizer plugin registered)'}"

@@ -213,6 +213,10 @@ class HFTokenizer:
 
         self.name = name
         self._tok = tok
+        # Some tokenizer.json files ship padding/truncation settings for training; the engine
+        # decides lengths itself, and encode must return exactly the text's tokens.
+        tok.no_truncation()
+        tok.no_padding()
         self.chat_template = meta.chat_template
         added = tok.get_added_tokens_decoder()
         special_contents = {a.content for a in added.values() if a.special}
