@@ -158,6 +158,11 @@ class LLMEngine:
                 f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens "
                 f"(prompt + at least one generated token must fit)"
             )
+        if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens, more than max_num_batched_tokens="
+                f"{self.config.max_num_batched_tokens} (enable chunked prefill or raise the budget)"
+            )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer")
         request_id = str(next(self._req_ids)) if request_id is None else str(request_id)

@@ -126,7 +126,9 @@ class Scheduler:
             num_cached = len(cached) * self.bm.block_size
             n = seq.num_tokens - num_cached
             if n > budget:
-                if not self.chunked:
+                # without chunked prefill a prompt runs whole; a preempted sequence's recompute
+                # (prompt + outputs) may exceed the budget, so it is chunked regardless
+                if not self.chunked and seq.num_output_tokens == 0:
                     break
                 n = budget
             need = self.bm.blocks_needed(num_cached + n) - len(cached)

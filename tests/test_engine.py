@@ -197,3 +197,19 @@ def test_metrics_are_consistent(checkpoints):
     m = out.metrics
     assert m.queue_time >= 0 and m.ttft >= m.queue_time and m.tpot > 0
     assert m.num_output_tokens == 10 and m.e2e >= m.ttft
+
+
+def test_preempted_sequence_longer_than_budget_resumes_without_chunking(checkpoints):
+    """Without chunked prefill, a preempted sequence's recompute (prompt + outputs) can exceed
+    max_num_batched_tokens; it must still resume (chunked) rather than wait forever."""
+    path = str(checkpoints["llama"])
+    prompts = _prompts(6, seed=21, lo=40, hi=48)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    ref = _ids(LLM(path, skip_tokenizer_init=True).generate(prompts, params))
+    llm = LLM(path, skip_tokenizer_init=True, block_size=8, num_kv_blocks=24, max_num_batched_tokens=48,
+              enable_chunked_prefill=False)
+    assert _ids(llm.generate(prompts, params)) == ref
+    assert llm.engine.stats()["num_preemptions"] > 0
+    assert llm.engine.block_manager.check_all_free()
+    with pytest.raises(InvalidRequestError, match="more than max_num_batched_tokens=48"):
+        llm.generate({"prompt_token_ids": [5] * 60}, params)

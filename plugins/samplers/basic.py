@@ -43,9 +43,10 @@ class BasicSampler:
         if batch.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
-            greedy = batch.temperature == 0
-            temp = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
-            scaled = apply_top_k_top_p(logits / temp[:, None], batch.top_k, batch.top_p)
+            dev = logits.device
+            greedy = batch.temperature.to(dev) == 0
+            temp = torch.where(greedy, 1.0, batch.temperature.to(dev))
+            scaled = apply_top_k_top_p(logits / temp[:, None], batch.top_k.to(dev), batch.top_p.to(dev))
             probs = scaled.softmax(dim=-1)
             noise = torch.empty_like(probs)
             shared_rows = [i for i, g in enumerate(batch.generators) if g is None]
