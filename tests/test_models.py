@@ -81,7 +81,7 @@ def test_half_precision_close_to_float32(checkpoints, dtype):
     params = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
     ref = LLM(str(checkpoints["qwen2"]), skip_tokenizer_init=True).generate(prompts, params)
     llm = LLM(str(checkpoints["qwen2"]), skip_tokenizer_init=True, dtype=dtype)
-    assert llm.engine.model.embed.dtype == getattr(torch, dtype)
+    assert llm.engine.model.weight_dtype == getattr(torch, dtype)
     half = llm.generate(prompts, params)
     for a, b in zip(ref, half):
         la, lb = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]

@@ -23,8 +23,9 @@ class AttentionMetadata:
     """Everything attention needs about one step's batch (shared by all layers)."""
 
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    ctx_slots: torch.Tensor  # [B, max_ctx] cache slot of each context position (padding -> 0)
+    ctx_slots: torch.Tensor  # [B * max_ctx] cache slot of each context position (padding -> 0)
     batch_size: int
+    max_ctx: int
     max_q: int
     q_index: torch.Tensor | None  # [T] position of each token in the padded [B * max_q]; None if max_q == 1
     attn_mask: torch.Tensor | None  # [B, 1, g * max_q, max_ctx] bool, True = attend; None = attend all
@@ -47,7 +48,7 @@ class AttentionMetadata:
         n_blocks = -(-max_ctx // block_size)
         bt = torch.tensor([t[:n_blocks] + [0] * (n_blocks - len(t[:n_blocks])) for t in block_tables], dtype=torch.long)
         # slot of every context position: block * block_size + offset; padding lands in block 0
-        ctx_slots = (bt[:, :, None] * block_size + torch.arange(block_size)).view(B, -1)[:, :max_ctx]
+        ctx_slots = (bt[:, :, None] * block_size + torch.arange(block_size)).view(B, -1)[:, :max_ctx].reshape(-1)
         uniform = max_q == 1 and min(ctx_lens) == max_ctx
         mask = None
         q_index = None
@@ -71,6 +72,7 @@ class AttentionMetadata:
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
             ctx_slots=ctx_slots,
             batch_size=B,
+            max_ctx=max_ctx,
             max_q=max_q,
             q_index=q_index,
             attn_mask=mask,
@@ -83,6 +85,7 @@ class AttentionMetadata:
             self.slot_mapping.to(device, non_blocking=True),
             self.ctx_slots.to(device, non_blocking=True),
             self.batch_size,
+            self.max_ctx,
             self.max_q,
             None if self.q_index is None else self.q_index.to(device, non_blocking=True),
             None if self.attn_mask is None else self.attn_mask.to(device, non_blocking=True),
@@ -105,8 +108,9 @@ def paged_attention(
     B, max_q = meta.batch_size, meta.max_q
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    K = k_cache[meta.ctx_slots].transpose(1, 2)  # [B, n_kv, ctx, d]
-    V = v_cache[meta.ctx_slots].transpose(1, 2)
+    # index_select on the flat slot list is far faster on CPU than advanced indexing
+    K = k_cache.index_select(0, meta.ctx_slots).view(B, meta.max_ctx, n_kv, d).transpose(1, 2)  # [B, n_kv, ctx, d]
+    V = v_cache.index_select(0, meta.ctx_slots).view(B, meta.max_ctx, n_kv, d).transpose(1, 2)
     if meta.q_index is None:
         qp = q.view(B, n_kv, g, d)  # q_len == 1: heads of a group are the query rows
     else:
