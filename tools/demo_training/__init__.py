@@ -1,0 +1,1 @@
+"""Building blocks of ``tools/train_demo.py``: corpus, tokenizer, LM and scorer training, checks."""
