@@ -28,3 +28,14 @@ class InvalidRequestError(DecodekitError, ValueError):
 
 class ConfigError(DecodekitError, ValueError):
     """An engine or pipeline configuration is invalid."""
+
+
+class ConstraintError(DecodekitError, ValueError):
+    """A grammar, JSON Schema, regex or choice list cannot be compiled into a constraint.
+
+    The message names the rule, terminal or JSON pointer at fault and what is wrong with it.
+    """
+
+
+class ConstraintTimeoutError(ConstraintError, TimeoutError):
+    """Compiling a constraint took longer than its time limit."""

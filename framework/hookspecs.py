@@ -106,19 +106,43 @@ def register_samplers(register: Register) -> None:
     """Register samplers: the step that turns processed logits into tokens.
 
     ``factory(**params)`` returns an object with
-    ``sample(batch: SamplingBatch, logits: Tensor[B, V]) -> (tokens: Tensor[B], logprobs)``
-    that handles every row of the batch at once (per-row settings are tensors in ``batch``).
+    ``sample(batch: SamplingBatch, logits: Tensor[B, V]) -> SamplerOutput`` that handles every
+    row of the batch at once. ``logits`` have been through the logits processors (temperature
+    and truncation included); ``batch.model_logits`` holds the unprocessed ones for logprobs
+    (None when no processor ran); ``batch.greedy`` marks rows to take the argmax of.
     """
 
 
 @hookspec
 def register_logits_processors(register: Register) -> None:
-    """Register logits processors (penalties, guidance such as FUDGE or contrastive decoding).
+    """Register batch-level logits processors (penalties, bans, truncation, guidance such as
+    FUDGE or contrastive decoding).
 
-    ``factory(**params)`` returns an object with ``add_request(slot, params)``,
-    ``remove(slot)``, ``apply(logits: Tensor[B, V], ctx) -> Tensor[B, V]`` over the whole batch
-    and optionally ``on_tokens(ctx, tokens: Tensor[B])`` after sampling. Processors run in the
-    order the request lists them.
+    ``factory(setup: framework.processors.ProcessorSetup)`` is called once per engine, the first
+    time a request uses the processor (``setup`` has ``vocab_size``, ``device``,
+    ``eos_token_ids`` and the ``tokenizer``). ``params`` is the pydantic model of the per-request
+    options (``extra="forbid"``); requests name the processor in
+    ``SamplingParams(processors=[{name: {options}}])`` (or a YAML spec's ``processors:``), and
+    the factory may map ``SamplingParams`` fields onto it with a classmethod
+    ``from_sampling_params(params) -> Params | None``. The object serves every request that
+    uses it; each running sequence holds a *slot* (a small reused integer) and the object keeps
+    per-slot state, ideally in slot-indexed tensors:
+
+    * ``add_request(slot, params, request: RequestInfo)`` — a sequence starts or resumes
+      running (``request.token_ids``: prompt + tokens so far; after preemption it is re-added
+      from them, so build state from the tokens, not from history the engine no longer sends);
+    * ``remove(slot)`` — finished, aborted or preempted;
+    * ``apply(logits: Tensor[R, V], ctx: StepContext) -> Tensor[R, V]`` — once per step, with
+      only the ``R`` rows that use the processor (``ctx.slots``, ``ctx.slot_index``,
+      ``ctx.token_ids``); it may modify ``logits`` in place; rows of other requests are never
+      touched;
+    * optional: ``prepare(params, sampling_params) -> params`` (per-request checks needing the
+      model or tokenizer, run when the request is added; raise ``ValueError``),
+      ``on_tokens(ctx, tokens: Tensor[R])`` after sampling, ``fork(src_slot, dst_slot)``, and a
+      ``stage`` attribute (``framework.processors.Stage``; default ``GUIDANCE``).
+
+    Processors run by stage, then in registration order, whatever the batch holds. See
+    ``framework/processors.py`` and the built-ins in ``plugins/samplers/``.
     """
 
 
@@ -127,8 +151,12 @@ def register_constraints(register: Register) -> None:
     """Register constraint compilers (grammars, JSON Schema, regex, choice lists).
 
     ``factory(tokenizer, **params)`` compiles the constraint and returns an object whose
-    ``new_state()`` gives a per-sequence state with ``fill_bitmask(row)``, ``advance(token)``,
-    ``rollback(n)``, ``forced_tokens()`` and ``is_accepting()``.
+    ``new_state()`` gives a per-sequence state with ``fill_bitmask(bitmask, row)``,
+    ``advance(token) -> bool``, ``rollback(n)``, ``forced_tokens()`` and ``is_accepting()``.
+    Requests select one with ``SamplingParams(constraint={name: params})``; the engine compiles
+    it off its thread (``framework/constraints.py``). Optional attributes of the factory:
+    ``submit(tokenizer, params) -> concurrent.futures.Future`` (validate now, compile in the
+    background) and ``timeout_s``.
     """
 
 
@@ -165,6 +193,29 @@ def register_commands(register: Register) -> None:
             def hello():
                 click.echo("hi")
             register("hello", hello)
+    """
+
+
+@hookspec
+def register_routes(register: Register) -> None:
+    """Register extra HTTP routes of ``decodekit serve``.
+
+    ``factory`` is a ``fastapi.APIRouter``, or a callable ``factory(state) -> APIRouter`` given
+    the server's :class:`framework.server.ServerState` (``state.aengine``, ``state.engine``,
+    ``state.tokenizer``, ``state.metrics``). The routes are added beside the built-in ones (a
+    path that clashes with one is an error) and, with ``--api-key``, need the key like ``/v1``.
+
+    Example::
+
+        @hookimpl
+        def register_routes(register):
+            router = fastapi.APIRouter()
+
+            @router.get("/v1/hello")
+            async def hello():
+                return {"hello": "world"}
+
+            register("hello", router)
     """
 
 

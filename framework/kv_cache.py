@@ -90,13 +90,14 @@ class BlockManager:
     def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
         return hash((prev, tokens))
 
-    def match_prefix(self, token_ids: list[int]) -> list[int]:
+    def match_prefix(self, token_ids: list[int], use_cache: bool = True) -> list[int]:
         """Blocks holding the longest cached prefix of ``token_ids`` (full blocks only).
 
         The last token is never served from the cache: the engine must compute at least one
-        token of a prompt to get its next-token logits.
+        token of a prompt to get its next-token logits. ``use_cache=False`` (a request that needs
+        logits at every prompt position) matches nothing.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not use_cache:
             return []
         bs = self.block_size
         n_full = (len(token_ids) - 1) // bs
@@ -115,14 +116,14 @@ class BlockManager:
     def can_allocate(self, num_new_blocks: int) -> bool:
         return num_new_blocks <= len(self.free)
 
-    def allocate_prompt(self, table: list[int], token_ids: list[int]) -> int:
+    def allocate_prompt(self, table: list[int], token_ids: list[int], use_cache: bool = True) -> int:
         """Start a sequence's block table with its cached prefix; returns tokens served from cache.
 
         Only the lookup happens here; blocks for the tokens still to compute are added by
         :meth:`ensure_slots` as the scheduler schedules them.
         """
         assert not table
-        cached = self.match_prefix(token_ids)
+        cached = self.match_prefix(token_ids, use_cache)
         for b in cached:
             self._ref(b)
         table.extend(cached)

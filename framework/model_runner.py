@@ -34,10 +34,14 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
+        prompt_lp: list[tuple[Sequence, int, int, int]] = []  # (seq, first row, first position, last position + 1)
         offset = 0
         for seq, n in sched.scheduled:
             start = seq.num_computed_tokens
             end = start + n
+            plp = seq.request.prompt_logprobs
+            if plp is not None and len(plp) < seq.num_prompt_tokens and start < seq.num_prompt_tokens - 1:
+                prompt_lp.append((seq, offset, start, min(end, seq.num_prompt_tokens - 1)))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
@@ -55,7 +59,31 @@ class ModelRunner:
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids_t, pos_t, self.kv.layers, meta)
+        for seq, row, first, last in prompt_lp:
+            self._prompt_logprobs(seq, hidden[row : row + last - first], first)
         if not sample_rows:
             return [], None
         rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[torch.tensor(sample_rows, device=self.device)]
         return sample_seqs, self.model.compute_logits(rows)
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, first: int) -> None:
+        """Append the logprobs of prompt tokens ``first + 1 ...`` (predicted by the hidden states of
+        positions ``first ...``) to the request's ``prompt_logprobs``, skipping any it already has
+        (a recomputed sequence), with the request's top-N alternatives."""
+        req = seq.request
+        plp = req.prompt_logprobs
+        assert plp is not None
+        k = req.params.prompt_logprobs or 0
+        lp = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
+        targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + hidden.shape[0]], device=lp.device)
+        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+        top_v, top_i = (lp.topk(k, dim=-1) if k else (None, None))
+        tl = targets.tolist()
+        for r in range(hidden.shape[0]):
+            if first + 1 + r != len(plp):
+                continue  # already recorded before a preemption
+            entry = {tl[r]: chosen[r]}
+            if top_i is not None:
+                for t, v in zip(top_i[r].tolist(), top_v[r].tolist()):
+                    entry.setdefault(t, v)
+            plp.append(entry)

@@ -14,8 +14,9 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[dict[int, float]] | None  # per token: {token_id: logprob} (sampled + top-N)
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    score: float | None = None  # beam search: the length-normalised beam score (best first)
 
     @property
     def finished(self) -> bool:
@@ -66,6 +67,11 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # prompt_logprobs: per prompt token {token_id: logprob, top alternatives...}; None for the first
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    # why the request failed after it was accepted (its completions finish with reason "error"),
+    # e.g. its constraint did not compile in time; None otherwise
+    error: str | None = None
 
 
 @dataclass(slots=True)

@@ -40,12 +40,15 @@ KINDS: dict[str, str] = {
     "reranker": "register_rerankers",
     "drafter": "register_drafters",
     "command": "register_commands",
+    "route": "register_routes",
 }
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.tokenizers",
     "framework.models",
+    "framework.demo",
     "plugins.samplers",
+    "plugins.constraints",
 )
 
 

@@ -1,8 +1,10 @@
 """The sampler protocol and the per-step batch it works on.
 
-Per-row settings are tensors so one op serves the whole batch; requests with different
-settings share a batch. A request with a seed carries its own ``torch.Generator`` so its draws
-do not depend on which other requests share the batch.
+The sampler is the last stage of a step: the logits it receives have already been through the
+logits-processor chain (penalties, bans, temperature, top-k/top-p/min-p ... see
+:mod:`framework.processors`), so it only draws. Greedy rows (``temperature == 0``) take the
+argmax of the processed logits. A request with a seed carries its own ``torch.Generator`` so its
+draws do not depend on which other requests share the batch.
 """
 
 from __future__ import annotations
@@ -21,24 +23,31 @@ class SamplingBatch:
 
     params: list[SamplingParams]
     generators: list[torch.Generator | None]  # per row; None = use the engine's generator
-    temperature: torch.Tensor  # [S] float32 (0 = greedy)
-    top_k: torch.Tensor  # [S] int64 (0 = off)
-    top_p: torch.Tensor  # [S] float32 (1 = off)
+    greedy: torch.Tensor  # [S] bool: take the argmax (temperature 0)
     all_greedy: bool
     max_logprobs: int  # largest `logprobs` asked for in the batch (0 = none)
     engine_generator: torch.Generator
+    # [S, V] the model's logits before any processor, for logprobs; None: the logits handed to
+    # the sampler are the model's own (no processor touched this batch)
+    model_logits: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None], engine_generator: torch.Generator) -> "SamplingBatch":
+    def build(
+        cls,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        engine_generator: torch.Generator,
+        model_logits: torch.Tensor | None = None,
+    ) -> "SamplingBatch":
+        greedy = [p.temperature == 0.0 for p in params]
         return cls(
             params=params,
             generators=generators,
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-            top_k=torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int64),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            all_greedy=all(p.temperature == 0.0 for p in params),
+            greedy=torch.tensor(greedy, dtype=torch.bool),
+            all_greedy=all(greedy),
             max_logprobs=max((p.logprobs or 0) for p in params),
             engine_generator=engine_generator,
+            model_logits=model_logits,
         )
 
 
@@ -51,7 +60,7 @@ class SamplerOutput:
 
 
 class Sampler(Protocol):
-    """Turns a batch of logits into one token per row."""
+    """Turns a batch of processed logits into one token per row."""
 
     def sample(self, batch: SamplingBatch, logits: torch.Tensor) -> SamplerOutput:  # logits: [S, V] float32
         ...

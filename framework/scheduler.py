@@ -99,6 +99,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:  # parked: its next token waits on others (a beam waiting for its siblings)
+                i += 1
+                continue
             while not self._reserve(seq, n, out):
                 victim = self.running[-1]
                 if id(victim) in scheduled_ids:  # never undo work already planned this step
@@ -122,7 +125,9 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.bm.match_prefix(seq.token_ids)
+            plp = seq.request.prompt_logprobs  # prompt logprobs need every prompt position computed
+            use_cache = plp is None or len(plp) >= seq.num_prompt_tokens
+            cached = self.bm.match_prefix(seq.token_ids, use_cache)
             num_cached = len(cached) * self.bm.block_size
             n = seq.num_tokens - num_cached
             if n > budget:
@@ -136,7 +141,7 @@ class Scheduler:
             if need + revived > self.bm.num_free_blocks:
                 break
             self.waiting.popleft()
-            got = self.bm.allocate_prompt(seq.block_table, seq.token_ids)
+            got = self.bm.allocate_prompt(seq.block_table, seq.token_ids, use_cache)
             assert got == num_cached
             seq.num_computed_tokens = num_cached
             ok = self.bm.ensure_slots(seq.block_table, num_cached + n)

@@ -16,6 +16,8 @@ from framework.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from framework.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
+    from framework.beam_search import BeamSearch
+    from framework.processors import ProcessorUse
     from framework.tokenizer import IncrementalDetokenizer
 
 
@@ -46,6 +48,8 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    slot: int | None = None  # logits-processor slot while running (framework.processors)
+    score: float | None = None  # beam search: the finished hypothesis' length-normalised score
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +76,7 @@ class Sequence:
             logprobs=self.logprobs,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
+            score=self.score,
         )
 
 
@@ -87,10 +92,15 @@ class Request:
     stream: bool = False
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False  # n > 1: siblings created after the prompt's prefill
+    processors: tuple["ProcessorUse", ...] = ()  # resolved logits processors, in the order they run
+    beam: "BeamSearch | None" = None  # beam search state (num_beams > 1); seqs are the running beams
+    beam_pending: dict[int, torch.Tensor] = field(default_factory=dict)  # seq_id -> processed logprobs
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # prompt_logprobs: one entry per prompt token
+    error: str | None = None  # set when the request failed after admission (finish reason "error")
 
     @property
     def finished(self) -> bool:
-        return (self.forked or self.params.n == 1) and all(s.finished for s in self.seqs)
+        return (self.forked or self.params.num_samples == 1) and all(s.finished for s in self.seqs)
 
     def to_output(self) -> RequestOutput:
         seqs = sorted(self.seqs, key=lambda s: s.index)
@@ -101,4 +111,6 @@ class Request:
             outputs=[s.to_output() for s in seqs],
             finished=self.finished,
             metrics=self.metrics,
+            prompt_logprobs=self.prompt_logprobs,
+            error=self.error,
         )

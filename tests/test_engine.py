@@ -78,13 +78,13 @@ def test_prefix_cache_reuses_blocks_and_reports_hit_rate(checkpoints):
 
 
 def test_n_samples_share_one_prefill(checkpoints):
-    llm = LLM(str(checkpoints["qwen2"]), skip_tokenizer_init=True, block_size=16)
-    prompt = _prompts(1, seed=5, lo=200, hi=201)[0]
+    llm = LLM(str(checkpoints["qwen2"]), skip_tokenizer_init=True, block_size=16, enable_prefix_caching=False)
+    prompt = _prompts(1, seed=5, lo=500, hi=501)[0]
     before = llm.engine.num_prefill_tokens
-    out = llm.generate(prompt, SamplingParams(n=4, max_tokens=12, temperature=1.0, seed=3, ignore_eos=True))[0]
-    assert llm.engine.num_prefill_tokens - before == 200  # one prefill, not four
-    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
-    assert all(len(c.token_ids) == 12 for c in out.outputs)
+    out = llm.generate(prompt, SamplingParams(n=8, max_tokens=8, temperature=1.0, seed=3, ignore_eos=True))[0]
+    assert llm.engine.num_prefill_tokens - before == 500  # one prefill, not eight
+    assert [c.index for c in out.outputs] == list(range(8))
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     assert llm.engine.block_manager.check_all_free()
     # greedy n=2: identical completions (both are the argmax path)
@@ -213,3 +213,42 @@ def test_preempted_sequence_longer_than_budget_resumes_without_chunking(checkpoi
     assert llm.engine.block_manager.check_all_free()
     with pytest.raises(InvalidRequestError, match="more than max_num_batched_tokens=48"):
         llm.generate({"prompt_token_ids": [5] * 60}, params)
+
+
+def test_best_of_keeps_the_n_most_likely_samples(checkpoints):
+    llm = LLM(str(checkpoints["llama"]), skip_tokenizer_init=True)
+    prompt = _prompts(1, seed=8)[0]
+    every = llm.generate(prompt, SamplingParams(n=6, max_tokens=10, seed=11, ignore_eos=True))[0].outputs
+    best = llm.generate(prompt, SamplingParams(n=2, best_of=6, max_tokens=10, seed=11, ignore_eos=True))[0].outputs
+    ranked = sorted(every, key=lambda c: c.cumulative_logprob, reverse=True)[:2]
+    assert [c.token_ids for c in best] == [c.token_ids for c in ranked]
+    assert [c.index for c in best] == [0, 1]
+    assert best[0].cumulative_logprob >= best[1].cumulative_logprob
+    assert llm.engine.block_manager.check_all_free()
+    with pytest.raises(InvalidRequestError, match="best_of"):
+        SamplingParams(n=3, best_of=2)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_prompt_logprobs_match_a_full_forward(checkpoints, prefix_caching):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.float32).eval()
+    # a small token budget chunks the prompt; the second request hits the prefix cache
+    llm = LLM(str(checkpoints["llama"]), skip_tokenizer_init=True, block_size=8, max_num_batched_tokens=24,
+              enable_prefix_caching=prefix_caching)
+    prompt = _prompts(1, seed=9, lo=70, hi=71)[0]["prompt_token_ids"]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    for _ in range(2):
+        out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, prompt_logprobs=3))[0]
+        plp = out.prompt_logprobs
+        assert plp is not None and len(plp) == len(prompt) and plp[0] is None
+        for i in range(1, len(prompt)):
+            entry = plp[i]
+            assert prompt[i] in entry and len(entry) in (3, 4)
+            assert entry[prompt[i]] == pytest.approx(ref[i - 1, prompt[i]].item(), abs=1e-4)
+            top = ref[i - 1].topk(3).indices.tolist()
+            assert set(top) <= set(entry)
+    assert llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2))[0].prompt_logprobs is None
+    assert llm.engine.block_manager.check_all_free()

