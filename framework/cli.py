@@ -1,7 +1,10 @@
 """The ``decodekit`` command line.
 
-Built-in commands: ``plugins`` (every registered name with its kind and source) and
-``generate`` (prompts through a model). Plugins add commands through ``register_commands``.
+Built-in commands: ``run`` (a pipeline spec over prompts), ``serve`` (an OpenAI-compatible HTTP
+server over a spec), ``validate`` (check a spec without loading models), ``schema`` (the spec's
+JSON Schema), ``plugins`` (every registered name with its kind and source) and ``generate``
+(prompts through a model, no spec). Plugins add commands
+through ``register_commands``. User errors print ``error: ...`` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -77,6 +80,110 @@ def generate_cmd(model, max_tokens, temperature, top_p, top_k, seed, stop, dtype
             + (f", {m.tpot * 1000:.1f} ms/token]" if m.tpot else "]"),
             err=True,
         )
+
+
+@cli.command("run")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("prompt", required=False)
+@click.option("--prompts", "prompts_file", default=None, help="prompts file: .txt (one a line), .jsonl ({id, prompt} or {id, messages}), or - for stdin")
+@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False), help="results as JSON lines (re-running resumes)")
+@click.option("--format", "fmt", type=click.Choice(["txt", "jsonl"]), default=None, help="prompts file format (default: by extension)")
+@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="override a sampling field, e.g. --set temperature=0 (YAML value)")
+@click.option("--progress/--no-progress", default=None, help="progress bar (default: when stderr is a terminal)")
+def run_cmd(spec, prompt, prompts_file, output, fmt, sets, progress) -> None:
+    """Run the pipeline SPEC on one PROMPT (streamed) or on a file of prompts (--prompts)."""
+    import yaml
+
+    from framework.batch_run import read_prompts, run_records
+    from framework.pipeline import Pipeline
+    from framework.spec import load_spec
+
+    overrides = {}
+    for item in sets:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--set expects FIELD=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(val)
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give either a PROMPT or --prompts FILE")
+    if prompts_file is not None and output is None:
+        raise click.UsageError("--prompts needs --output FILE.jsonl")
+    loaded = load_spec(spec)  # all spec errors before any model loads
+    records = read_prompts(prompts_file, fmt) if prompts_file is not None else None
+    loaded.sampling_params(**overrides)  # bad overrides fail here too
+    pipe = Pipeline(loaded)
+    if records is None:
+        click.echo(prompt, nl=False)
+        for delta in pipe.stream(prompt, **overrides):
+            click.echo(delta, nl=False)
+        click.echo()
+        return
+    from pathlib import Path
+
+    summary = run_records(pipe, records, Path(output), progress=progress, overrides=overrides)
+    for line in summary.lines():
+        click.echo(line, err=True)
+
+
+@cli.command("serve")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (loopback by default)")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--api-key", default=None, envvar="DECODEKIT_API_KEY", help="require 'Authorization: Bearer KEY' on /v1 (env DECODEKIT_API_KEY)")
+@click.option("--model-name", default=None, help="the model id clients send (default: the spec's model)")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1), help="requests waiting for the batch before 429")
+@click.option("--max-body-size", default="1MiB", show_default=True, help="largest request body (413 beyond)")
+@click.option("--max-prompt-tokens", default=None, type=click.IntRange(min=1), help="longest prompt in tokens (413 beyond; default: the model's context)")
+@click.option("--request-timeout", default=600.0, show_default=True, type=float, help="seconds before a request is aborted; 0 = none")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=float, help="seconds running requests get to finish at shutdown")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve_cmd(spec, host, port, api_key, model_name, max_queue, max_body_size, max_prompt_tokens, request_timeout,
+              shutdown_timeout, log_level) -> None:
+    """Serve the pipeline SPEC over an OpenAI-compatible HTTP API (needs the [server] extra)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise DecodekitError("decodekit serve needs the server extra: pip install 'decodekit[server]'") from None
+    from framework.config import parse_size
+    from framework.pipeline import Pipeline
+    from framework.server import ServerConfig, serve
+    from framework.spec import load_spec
+
+    try:
+        body_limit = parse_size(max_body_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-body-size") from None
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    config = ServerConfig(
+        host=host, port=port, api_key=api_key, model_name=model_name, max_queue=max_queue,
+        max_body_bytes=body_limit, max_prompt_tokens=max_prompt_tokens,
+        request_timeout=request_timeout or None, shutdown_timeout=shutdown_timeout, log_level=log_level,
+    )
+    pipe = Pipeline(load_spec(spec))  # spec errors before the model loads
+    serve(pipe, config)
+
+
+@cli.command("validate")
+@click.argument("spec", type=click.Path(dir_okay=False))
+def validate_cmd(spec) -> None:
+    """Check SPEC completely (structure, plugin names and options, paths) without loading models."""
+    from framework.spec import load_spec
+
+    loaded = load_spec(spec)
+    names = [p.name for p in loaded.processors]
+    click.echo(f"{spec}: ok (model {loaded.spec.model}; processors: {', '.join(names) or 'none'}; "
+               f"constraint: {loaded.constraint.name if loaded.constraint else 'none'})")
+
+
+@cli.command("schema")
+@click.option("--indent", default=2, show_default=True, type=int)
+def schema_cmd(indent: int) -> None:
+    """Print the JSON Schema of pipeline specs (for editor completion), with every plugin's options."""
+    from framework.spec import spec_json_schema
+
+    click.echo(json.dumps(spec_json_schema(), indent=indent))
 
 
 def _add_plugin_commands() -> None:

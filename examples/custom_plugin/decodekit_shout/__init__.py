@@ -1,0 +1,1 @@
+"""An example decodekit plugin package (see plugin.py)."""
