@@ -122,7 +122,7 @@ def test_top_p_compact_path_is_batch_invariant():
         assert torch.equal(alone[0], together[i])
 
 
-@pytest.mark.parametrize("n,k", [(1000, 51), (4096, 21), (4099, 65), (300, 7), (64, 64), (9000, 3)])
+@pytest.mark.parametrize("n,k", [(1000, 51), (4096, 21), (4099, 65), (300, 7), (64, 64), (9000, 3), (20001, 51), (32000, 65)])
 def test_fast_topk_values_equal_torch_topk(n, k):
     x = torch.randn(5, n, generator=torch.Generator().manual_seed(n))
     ties = torch.randint(0, 7, (5, n), generator=torch.Generator().manual_seed(k)).float()  # many ties
