@@ -439,6 +439,10 @@ class SchemaCompiler:
                 branches = s[comb]
                 if not isinstance(branches, list) or not branches:
                     raise self.error(f"{ptr}/{comb}", f"{comb} must be a non-empty array")
+                if comb == "oneOf" and len(branches) > 1:  # approximated, in strict mode too
+                    msg = f"{ptr}/oneOf: enforced as anyOf (that only one branch matches is not checked)"
+                    self.warnings.append(msg)
+                    warnings.warn(f"JSON Schema {msg}", stacklevel=3)
                 base = {k: v for k, v in s.items() if k != comb and k not in ANNOTATIONS}
                 out = []
                 for i, br in enumerate(branches):
@@ -449,6 +453,8 @@ class SchemaCompiler:
                         out.append(sym)
                 return out
         if "const" in s:
+            if not _has_type(s["const"], s.get("type")):
+                return []  # const and type disagree: no value is valid
             return [self.const(s["const"], f"{ptr}/const")]
         if "enum" in s:
             vals = s["enum"]
@@ -456,7 +462,8 @@ class SchemaCompiler:
                 raise self.error(f"{ptr}/enum", "enum must be an array")
             if len(vals) > self.opts.max_enum:
                 raise self.error(f"{ptr}/enum", f"enum has {len(vals)} values, over the limit of {self.opts.max_enum}")
-            return self.enum(vals, ptr)
+            vals = [v for v in vals if _has_type(v, s.get("type"))]  # both keywords apply
+            return self.enum(vals, ptr) if vals else []
         types = s.get("type")
         if types is None:
             tset = list(TYPES)
@@ -783,3 +790,26 @@ def json_schema_grammar(schema: Any, options: JsonSchemaOptions | None = None) -
 def any_json_grammar(options: JsonSchemaOptions | None = None) -> Grammar:
     """Any JSON value."""
     return json_schema_grammar(True, options)[0]
+
+
+def _has_type(value: Any, types: Any) -> bool:
+    """Whether a JSON value (from ``enum`` / ``const``) has one of the schema ``type`` names
+    (``None``: no type constraint)."""
+    if types is None:
+        return True
+    names = [types] if isinstance(types, str) else list(types) if isinstance(types, list) else []
+    for t in names:
+        if t == "null" and value is None:
+            return True
+        if t == "boolean" and isinstance(value, bool):
+            return True
+        if t == "string" and isinstance(value, str):
+            return True
+        if t == "array" and isinstance(value, list):
+            return True
+        if t == "object" and isinstance(value, dict):
+            return True
+        if not isinstance(value, bool) and isinstance(value, (int, float)):
+            if t == "number" or (t == "integer" and float(value).is_integer()):
+                return True
+    return not names  # an unrecognised type value constrains nothing here
