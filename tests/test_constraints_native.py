@@ -150,3 +150,54 @@ def test_cpu_bitmask_path_matches_the_shift_path(V):
     assert torch.equal(sub, want)
     half = logits.to(torch.bfloat16)  # not a numpy dtype: the shift path
     assert torch.equal(matcher.apply_token_bitmask_(half, bm).isinf(), ref.isinf())
+
+
+def _general_row(comps: tuple[tuple[int, int], ...]) -> list[int]:
+    """A combined state's row by the general path (every byte's column of next states)."""
+    out = []
+    for b in range(256):
+        nxt = tuple((t, int(LEXER.dfas[t].trans[s][b])) for t, s in comps if LEXER.dfas[t].trans[s][b] >= 0)
+        out.append(LEXER.intern(nxt) if nxt else 0)
+    return out
+
+
+def test_combined_rows_fast_path_matches_general_path(qwen):
+    _walked_states(qwen)
+    multi = [sid for sid, c in enumerate(LEXER.states) if len(c) > 1 and LEXER.has_row[sid]]
+    assert multi
+    for sid in multi[:300]:
+        comps = LEXER.states[sid]
+        mat = np.stack([LEXER.dfas[t].trans[s] for t, s in comps])
+        fast = LEXER._combined_row(comps, mat)
+        want = _general_row(comps)
+        assert LEXER.row(sid) == want, sid
+        if fast is not None:
+            assert fast.tolist() == want, sid
+
+
+def test_branch_prefilter_keeps_the_classification(qwen):
+    """Dropping a big branch's tokens that die at their next byte changes nothing."""
+    voc = vocab_for(qwen)
+    checked = 0
+    for sid in _walked_states(qwen)[:60]:
+        for br in voc.level(sid).branches:
+            if isinstance(br, FirstByteBranch) or len(br.ids) < 64:
+                continue
+            for start in list(br.cache)[:3]:
+                if LEXER.acc_any[start]:
+                    continue
+                ref = _canon(voc.classify_numpy(start, br.ids, br.offs))
+                assert _canon(br.cache[start]) == ref, (sid, start)
+                checked += 1
+    assert checked >= 1
+
+
+def test_small_id_sets_make_the_same_bitset(qwen):
+    voc = vocab_for(qwen)
+    rng = np.random.default_rng(1)
+    for n in (1, 5, 24, 25, 200):
+        ids = rng.choice(voc.size, size=n, replace=False)
+        want = 0
+        for i in ids.tolist():
+            want |= 1 << i
+        assert voc.ids_to_int(ids) == want

@@ -35,6 +35,9 @@ from plugins.constraints.regex import Node
 __all__ = ["LexerStates", "LEXER", "Vocab", "Level", "Branch", "FirstByteBranch", "vocab_for", "LMAX"]
 
 LMAX = 32  # bytes per token held in the matrix; longer tokens take a scalar path
+PREFILTER_MIN = 64  # branches of at least this many tokens drop those dead at their next byte
+NARROW = 32  # a combined state's component alive on at most this many bytes is "narrow"
+SMALL_SET = 24  # bitsets of at most this many ids are built with Python int ORs
 
 
 class LexerStates:
@@ -185,6 +188,8 @@ class LexerStates:
                 vals, inv = np.unique(mat[0], return_inverse=True)
                 ids = [0 if v < 0 else self.intern(((t, int(v)),)) for v in vals.tolist()]
                 row = np.asarray(ids, np.int32)[inv.reshape(-1)]
+            elif (fast := self._combined_row(comps, mat)) is not None:
+                row = fast
             else:  # distinct columns (next component states per byte): sort, then cut at changes
                 order = np.lexsort(mat[::-1])
                 sc = mat.T[order]
@@ -204,6 +209,34 @@ class LexerStates:
             self.rows[sid] = row.tolist()
             self.has_row[sid] = True
 
+    def _combined_row(self, comps: tuple[tuple[int, int], ...], mat: np.ndarray) -> np.ndarray | None:
+        """The row of a combined state where at most one component is *wide* (alive on more
+        than :data:`NARROW` bytes) — say a JSON string next to key literals: the wide
+        component's row gives every byte the narrow ones leave alone, and only the few bytes
+        a narrow component continues on need a combined state. ``None`` when two or more
+        components are wide (the caller's general path)."""
+        live = mat >= 0
+        counts = live.sum(axis=1)
+        wide = np.flatnonzero(counts > NARROW)
+        if len(wide) > 1:
+            return None
+        if len(wide):
+            w = int(wide[0])
+            # the wide component alone is a single-terminal state: its row is the default
+            ws = self.intern((comps[w],))
+            if not self.has_row[ws]:
+                self._build_dfa_rows(comps[w][0])
+            row = self.table[ws].copy()
+            live[w] = False
+        else:
+            row = np.zeros(256, np.int32)
+        special = np.flatnonzero(live.any(axis=0)).tolist()
+        if special:
+            sub = mat[:, special].T.tolist()  # [bytes, comps]
+            for b, col in zip(special, sub):
+                row[b] = self.intern(tuple((t, v) for (t, _), v in zip(comps, col) if v >= 0))
+        return row
+
 
 LEXER = LexerStates()
 
@@ -211,20 +244,49 @@ LEXER = LexerStates()
 class Branch:
     """Tokens whose current lexeme ended in lexer state ``X`` at byte offsets ``offs``."""
 
-    __slots__ = ("X", "ids", "offs", "cache")
+    __slots__ = ("X", "ids", "offs", "cache", "_nb", "_fb")
 
     def __init__(self, X: int, ids: np.ndarray, offs: np.ndarray):
         self.X, self.ids, self.offs = X, ids, offs
         self.cache: dict[int, Level] = {}
+        self._nb: np.ndarray | None = None
+        self._fb: np.ndarray | None = None
 
     def level(self, vocab: "Vocab", start: int) -> "Level":
         lv = self.cache.get(start)
         if lv is None:
-            lv = self.cache[start] = vocab.classify(start, self.ids, self.offs)
+            ids, offs = self.ids, self.offs
+            if len(ids) >= PREFILTER_MIN and not LEXER.acc_any[start]:
+                # a token whose next byte kills the (non-accepting) start state is dead, so
+                # only the others need walking: usually a small part of a big branch
+                row = np.ones(257, np.int32)  # entry 256: the token has no byte left (alive)
+                row[:256] = LEXER.row(start)
+                live = row[self.next_bytes(vocab)] != 0
+                ids, offs = ids[live], offs[live]
+            lv = self.cache[start] = vocab.classify(start, ids, offs)
         return lv
 
+    def next_bytes(self, vocab: "Vocab") -> np.ndarray:
+        """The byte of each token at its offset (where the lexeme ended before it); 256 where
+        the token has no byte left."""
+        nb = self._nb
+        if nb is None:
+            ids, offs = self.ids, self.offs
+            short = offs < np.minimum(vocab.lens[ids], LMAX)
+            nb = np.full(len(ids), 256, np.int64)
+            nb[short] = vocab.mat[ids[short], offs[short]]
+            for k in np.nonzero(~short & (offs < vocab.lens[ids]))[0].tolist():
+                data = vocab.table[int(ids[k])]
+                o = int(offs[k])
+                nb[k] = data[o]
+            self._nb = nb
+        return nb
+
     def restrict(self, vocab: "Vocab", fb: np.ndarray) -> "Branch | None":
-        sel = fb[vocab.first_byte[self.ids]]
+        first = self._fb
+        if first is None:  # the tokens' first bytes as uint8 (cached: restricted repeatedly)
+            first = self._fb = vocab.first_byte[self.ids].astype(np.uint8)
+        sel = fb[first]
         if not sel.any():
             return None
         if sel.all():
@@ -333,6 +395,11 @@ class Vocab:
         """The bitset (bit ``i`` = token ``i``) of ``ids``, built over their span only."""
         if ids.size == 0:
             return 0
+        if ids.size <= SMALL_SET:  # cheaper than a span-wide bit array for a few ids
+            m = 0
+            for i in ids.tolist():
+                m |= 1 << i
+            return m
         lo = int(ids.min()) & ~7
         bits = np.zeros(int(ids.max()) + 1 - lo, np.uint8)
         bits[ids - lo] = 1
