@@ -12,6 +12,7 @@ before it touches any engine state, so it never disturbs the requests already ru
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import itertools
 import logging
 import time
@@ -121,6 +122,11 @@ class LLMEngine:
         self.step_count = 0
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens run through the model
         self.num_generated_tokens = 0
+        if config.freeze_gc:
+            # the heap is mostly what loading made (torch, the model, the tokenizer) and stays:
+            # keep full collections, which a grammar's caches trigger as they grow, off it
+            gc.collect()
+            gc.freeze()
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()

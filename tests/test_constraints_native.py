@@ -16,7 +16,7 @@ import pytest
 
 from plugins.constraints import native
 from plugins.constraints.json_schema import json_schema_grammar
-from plugins.constraints.lexer import LEXER, FirstByteBranch, TokenTrie, vocab_for
+from plugins.constraints.lexer import LEXER, NP, UTF8_TEXT, FirstByteBranch, TokenTrie, vocab_for
 from plugins.constraints.matcher import CompiledGrammar
 
 DATA = Path(__file__).resolve().parent / "data" / "jsonschemabench"
@@ -107,6 +107,73 @@ def test_native_classify_with_offsets_matches_numpy(qwen):
         assert _canon(voc.classify(sid, ids, offs)) == _canon(voc.classify_numpy(sid, ids, offs)), sid
 
 
+def test_small_classification_matches_numpy(qwen):
+    """The plain-Python path for a handful of tokens (branches of a few tokens) agrees too."""
+    voc = vocab_for(qwen)
+    rng = np.random.default_rng(1)
+    for sid in _walked_states(qwen)[:60]:
+        for k in (1, 5, 12):
+            ids = rng.choice(voc.usable_ids, size=k, replace=False)
+            offs = np.minimum(rng.integers(0, 3, size=k), np.maximum(voc.lens[ids] - 1, 0))
+            assert _canon(voc.classify_small(sid, ids, offs)) == _canon(voc.classify_numpy(sid, ids, offs)), sid
+
+
+def _reference_death_distances(dfa) -> np.ndarray:
+    """Bellman-Ford over (DFA state, UTF-8 text state) pairs: the shortest text string that
+    kills each DFA state, capped at 255."""
+    T, P = dfa.trans, UTF8_TEXT
+    dd = np.full((dfa.size, NP), 255, np.int64)
+    for _ in range(300):
+        new = np.full_like(dd, 255)
+        for p in range(NP):
+            cs = np.nonzero(P[p] >= 0)[0]
+            nq, npp = T[:, cs], P[p, cs]
+            val = np.where(nq < 0, 1, 1 + dd[np.maximum(nq, 0), npp[None, :]])
+            new[:, p] = np.minimum(val.min(axis=1), 255)
+        if (new == dd).all():
+            break
+        dd = new
+    return dd
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "maxLength": 40},
+    {"type": "string", "pattern": "[0-9a-f]{8}-[0-9a-f]{4}"},
+    {"type": "string", "format": "date-time"},
+    {"type": "string", "pattern": "^[^x]{2,5}$"},
+])
+def test_death_distances_match_brute_force_and_keep_walks_exact(qwen, schema):
+    """The distances behind the "too short to die" shortcut of the compiled walk equal a
+    brute-force computation, and walks that take the shortcut classify exactly as the
+    per-token reference (a string counted by maxLength, an unanchored pattern, ...)."""
+    if native.trie_walker() is None:
+        pytest.skip("no C compiler: the shortcut is native only")
+    voc = vocab_for(qwen)
+    cg = CompiledGrammar(json_schema_grammar(schema)[0], qwen)
+    st = cg.new_state()
+    st.allowed_mask()
+    sid = st._hist[-1][0]
+    quote = qwen.encode('"')[0]
+    assert st.advance(quote)
+    inside = st._hist[-1][0]
+    (t, _), = LEXER.states[inside]
+    dfa = LEXER.dfas[t]
+    assert np.array_equal(LEXER.terminal_dd(t).astype(np.int64), _reference_death_distances(dfa))
+    walk = native.trie_walker()
+    states = [inside] + [LEXER.intern(((t, q),)) for q in range(1, min(dfa.size, 12))]
+    shortcut = 0
+    for s in states:
+        viable = np.asarray(LEXER.row(s)) != 0
+        if not viable.any():
+            continue
+        ids = voc.tokens_with_first(viable)
+        ref = _canon(voc.classify_numpy(s, ids, np.zeros(len(ids), np.int64)))
+        assert _canon(voc.trie.classify_native(voc, s, viable, walk)) == ref, s
+        shortcut += int(LEXER.dd[s, 0] > 1)
+    if "maxLength" in schema or "pattern" in schema and not schema["pattern"].startswith("^"):
+        assert shortcut  # these are the cases the shortcut exists for
+
+
 def test_small_vocabulary_trie():
     class Tok:
         vocab_size = 7
@@ -167,12 +234,13 @@ def test_combined_rows_fast_path_matches_general_path(qwen):
     assert multi
     for sid in multi[:300]:
         comps = LEXER.states[sid]
-        mat = np.stack([LEXER.dfas[t].trans[s] for t, s in comps])
-        fast = LEXER._combined_row(comps, mat)
+        sparse = [LEXER._sparse(t, s) for t, s in comps]
+        wide = [i for i, x in enumerate(sparse) if x is None]
         want = _general_row(comps)
-        assert LEXER.row(sid) == want, sid
-        if fast is not None:
-            assert fast.tolist() == want, sid
+        assert list(LEXER.row(sid)) == want, sid
+        assert LEXER._general_row(comps).tolist() == want, sid
+        if len(wide) <= 1:
+            assert LEXER._combined_row(comps, sparse, wide[0] if wide else -1).tolist() == want, sid
 
 
 def test_branch_prefilter_keeps_the_classification(qwen):

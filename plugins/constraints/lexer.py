@@ -38,6 +38,35 @@ LMAX = 32  # bytes per token held in the matrix; longer tokens take a scalar pat
 PREFILTER_MIN = 64  # branches of at least this many tokens drop those dead at their next byte
 NARROW = 32  # a combined state's component alive on at most this many bytes is "narrow"
 SMALL_SET = 24  # bitsets of at most this many ids are built with Python int ORs
+SMALL_CLASSIFY = 12  # classifications of at most this many tokens run in plain Python
+NP = 10  # states of UTF8_TEXT (native.py's DK_NP)
+
+
+def _utf8_text() -> np.ndarray:
+    """``UTF8_TEXT[p, b]``: the automaton of *plain JSON-string text* — valid UTF-8 without
+    control characters, ``"``, ``\\`` or U+2028/U+2029 (which regex ``.`` excludes) — as 10
+    states (0 between characters, 1–3 continuation bytes still due, 4–7 the restricted second
+    bytes after E0, ED, F0, F4, 8–9 after E2 and E2 80); -1 = not text.
+    Trie nodes record where their subtrees stay text, and each lexer state how long a text
+    string must be to kill it (``LexerStates.dd``): a subtree shorter than that is alive whole,
+    without a walk — what makes a counted string (``maxLength``) or an unanchored pattern cheap."""
+    P = np.full((NP, 256), -1, np.int32)
+    for b in range(0x20, 0x7F):
+        if b not in (0x22, 0x5C):
+            P[0, b] = 0
+    P[0, 0xC2:0xE0] = 1
+    P[0, 0xE0], P[0, 0xE1:0xED], P[0, 0xED], P[0, 0xEE:0xF0] = 4, 2, 5, 2
+    P[0, 0xE2] = 8
+    P[0, 0xF0], P[0, 0xF1:0xF4], P[0, 0xF4] = 6, 3, 7
+    P[1, 0x80:0xC0], P[2, 0x80:0xC0], P[3, 0x80:0xC0] = 0, 1, 2
+    P[4, 0xA0:0xC0], P[5, 0x80:0xA0], P[6, 0x90:0xC0], P[7, 0x80:0x90] = 1, 1, 2, 2
+    P[8, 0x80], P[8, 0x81:0xC0] = 9, 1
+    P[9, 0x80:0xC0] = 0
+    P[9, 0xA8:0xAA] = -1
+    return P
+
+
+UTF8_TEXT = _utf8_text()
 
 
 class LexerStates:
@@ -57,7 +86,13 @@ class LexerStates:
         # loops[sid]: the bytes on which state sid stays in sid (256 bits as 4 uint64 words)
         self.loops = np.zeros((cap, 4), np.uint64)
         self.has_loop = np.zeros(cap, np.uint8)
-        self.rows: list[list[int] | None] = [[0] * 256]
+        # dd[sid, p]: text strings (UTF8_TEXT from state p) shorter than this never kill sid;
+        # set with the row (0 = no bound known)
+        self.dd = np.zeros((cap, NP), np.uint8)
+        self.term_dd: dict[int, np.ndarray] = {}
+        self.sparse: dict[tuple[int, int], tuple[tuple[int, int], ...] | None] = {}
+        self.dfa_ids: dict[int, np.ndarray] = {}
+        self.rows: list[tuple[int, ...] | None] = [(0,) * 256]
         self.accepts: list[tuple[int, ...]] = [()]
         self.starts: dict[frozenset[int], int] = {}
         self._ptrs: tuple[int, tuple[int, int, int, int, int]] | None = None
@@ -70,6 +105,48 @@ class LexerStates:
                 self.dfas.append(dfa)
             return tid
 
+    def _grow(self, need: int) -> None:
+        """Make room for state ids below ``need`` (call with :attr:`lock` held)."""
+        cap = self.table.shape[0]
+        if need <= cap:
+            return
+        while cap < need:
+            cap *= 2
+        n = len(self.states)
+
+        def grown(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((cap,) + a.shape[1:], a.dtype)
+            out[:n] = a[:n]
+            return out
+
+        self.table, self.has_row, self.acc_any = grown(self.table), grown(self.has_row), grown(self.acc_any)
+        self.loops, self.has_loop, self.dd = grown(self.loops), grown(self.has_loop), grown(self.dd)
+        self._ptrs = None
+
+    def terminal_states(self, t: int) -> np.ndarray:
+        """The ids of the single-terminal states ``((t, q),)`` for every state ``q`` of
+        terminal ``t``'s DFA, interned in bulk (cached)."""
+        got = self.dfa_ids.get(t)
+        if got is not None:
+            return got
+        with self.lock:
+            dfa = self.dfas[t]
+            keys = [((t, q),) for q in range(dfa.size)]
+            ids = [self.index.get(k, -1) for k in keys]
+            new = [q for q, i in enumerate(ids) if i < 0]
+            if new:
+                base = len(self.states)
+                self._grow(base + len(new))
+                acc = dfa.accept[new]
+                self.states.extend(keys[q] for q in new)
+                self.accepts.extend((t,) if a else () for a in acc.tolist())
+                self.rows.extend([None] * len(new))
+                self.acc_any[base : base + len(new)] = acc
+                for j, q in enumerate(new):  # published last: readers look ids up without the lock
+                    ids[q] = self.index[keys[q]] = base + j
+            got = self.dfa_ids[t] = np.asarray(ids, np.int32)
+            return got
+
     def intern(self, comps: tuple[tuple[int, int], ...]) -> int:
         sid = self.index.get(comps)
         if sid is not None:
@@ -79,20 +156,7 @@ class LexerStates:
             if sid is not None:
                 return sid
             sid = len(self.states)
-            if sid >= self.table.shape[0]:
-                cap = self.table.shape[0] * 2
-                table = np.zeros((cap, 256), np.int32)
-                table[:sid] = self.table[:sid]
-                has = np.zeros(cap, bool)
-                has[:sid] = self.has_row[:sid]
-                acc = np.zeros(cap, bool)
-                acc[:sid] = self.acc_any[:sid]
-                loops = np.zeros((cap, 4), np.uint64)
-                loops[:sid] = self.loops[:sid]
-                has_loop = np.zeros(cap, np.uint8)
-                has_loop[:sid] = self.has_loop[:sid]
-                self.table, self.has_row, self.acc_any, self.loops, self.has_loop = table, has, acc, loops, has_loop
-                self._ptrs = None
+            self._grow(sid + 1)
             self.states.append(comps)
             self.rows.append(None)
             accepts = tuple(t for t, s in comps if self.dfas[t].accept[s])
@@ -107,15 +171,14 @@ class LexerStates:
             sid = self.starts[tids] = self.intern(tuple((t, 0) for t in sorted(tids)))
         return sid
 
-    def row(self, sid: int) -> list[int]:
+    def row(self, sid: int) -> tuple[int, ...]:
         r = self.rows[sid]
         if r is None:
-            if self.has_row[sid]:  # built in bulk (table only): make the list view
-                r = self.rows[sid] = self.table[sid].tolist()
-                return r
-            self._build_row(sid)
-            r = self.rows[sid]
-        return r  # type: ignore[return-value]
+            if not self.has_row[sid]:
+                self._build_row(sid)
+            # the tuple view of the table row (a tuple of ints: untracked by the cyclic GC)
+            r = self.rows[sid] = tuple(self.table[sid].tolist())
+        return r
 
     def ensure_rows(self, sids: np.ndarray) -> None:
         missing = sids[~self.has_row[sids]]
@@ -123,15 +186,24 @@ class LexerStates:
             for sid in np.unique(missing).tolist():
                 self._build_row(sid)
 
-    def pointers(self) -> tuple[int, int, int, int, int]:
-        """Data addresses of ``table``, ``has_row``, ``acc_any``, ``loops``, ``has_loop`` for
-        the compiled walks (cached until the arrays grow). Call with :attr:`lock` held."""
+    def pointers(self) -> tuple[int, int, int, int, int, int]:
+        """Data addresses of ``table``, ``has_row``, ``acc_any``, ``loops``, ``has_loop``, ``dd``
+        for the compiled walks (cached until the arrays grow). Call with :attr:`lock` held."""
         key = id(self.table)
         got = self._ptrs
         if got is None or got[0] != key:
             got = self._ptrs = (key, (self.table.ctypes.data, self.has_row.ctypes.data, self.acc_any.ctypes.data,
-                                      self.loops.ctypes.data, self.has_loop.ctypes.data))
+                                      self.loops.ctypes.data, self.has_loop.ctypes.data, self.dd.ctypes.data))
         return got[1]
+
+    def terminal_dd(self, t: int) -> np.ndarray:
+        """``[dfa.size, NP]`` uint8: per DFA state of terminal ``t`` and UTF-8 text state, the
+        length of the shortest text string that kills it (capped at 255); zeros (no bound)
+        without the compiled helper, whose walk is the only reader."""
+        got = self.term_dd.get(t)
+        if got is None:
+            got = self.term_dd[t] = _death_distances(self.dfas[t])
+        return got
 
     def close_rows(self, sids: list[int], limit: int = 64) -> None:
         """Build the rows of ``sids`` and of the states they reach (at most ``limit`` new rows
@@ -151,7 +223,7 @@ class LexerStates:
             self._build_row(sid)
             built += 1
             if limit:
-                for n in set(self.rows[sid]):  # type: ignore[arg-type]
+                for n in np.unique(self.table[sid]).tolist():
                     if n and not self.has_row[n]:
                         stack.append(n)
 
@@ -160,7 +232,7 @@ class LexerStates:
         one vectorized pass (their list views are made on demand by :meth:`row`)."""
         with self.lock:
             dfa = self.dfas[t]
-            ids = np.asarray([self.intern(((t, q),)) for q in range(dfa.size)], np.int32)
+            ids = self.terminal_states(t)
             todo = ~self.has_row[ids]
             if not todo.any():
                 return 0
@@ -170,72 +242,121 @@ class LexerStates:
             self.table[sel] = rows
             self.loops[sel] = np.packbits(rows == sel[:, None], axis=1, bitorder="little").view(np.uint64)
             self.has_loop[sel] = (rows == sel[:, None]).any(axis=1)
+            if (rows != 0).sum(axis=1).max() > NARROW:  # distances matter only where walks are long
+                self.dd[sel] = self.terminal_dd(t)[todo]
             self.has_row[sel] = True
             return int(todo.sum())
 
+    def _sparse(self, t: int, q: int) -> tuple[tuple[int, int], ...] | None:
+        """The live transitions ``(byte, next)`` of DFA state ``q`` of terminal ``t`` when
+        there are at most :data:`NARROW` of them (a *narrow* state), else None (cached)."""
+        key = (t, q)
+        got = self.sparse.get(key, False)
+        if got is False:
+            tr = self.dfas[t].trans[q]
+            live = np.flatnonzero(tr >= 0)
+            got = self.sparse[key] = tuple(zip(live.tolist(), tr[live].tolist())) if len(live) <= NARROW else None
+        return got
+
     def _build_row(self, sid: int) -> None:
         with self.lock:
-            if self.rows[sid] is not None:
-                return
             if self.has_row[sid]:
-                self.rows[sid] = self.table[sid].tolist()
                 return
             comps = self.states[sid]
-            mat = np.stack([self.dfas[t].trans[s] for t, s in comps])  # [k, 256]
-            row = np.zeros(256, np.int32)
+            dd = None
             if len(comps) == 1:
-                t = comps[0][0]
-                vals, inv = np.unique(mat[0], return_inverse=True)
+                t, q = comps[0]
+                vals, inv = np.unique(self.dfas[t].trans[q], return_inverse=True)
                 ids = [0 if v < 0 else self.intern(((t, int(v)),)) for v in vals.tolist()]
                 row = np.asarray(ids, np.int32)[inv.reshape(-1)]
-            elif (fast := self._combined_row(comps, mat)) is not None:
-                row = fast
-            else:  # distinct columns (next component states per byte): sort, then cut at changes
-                order = np.lexsort(mat[::-1])
-                sc = mat.T[order]
-                new = np.ones(256, bool)
-                new[1:] = (sc[1:] != sc[:-1]).any(axis=1)
-                inv = np.empty(256, np.int64)
-                inv[order] = np.cumsum(new) - 1
-                cols = sc[new]
-                ids = []
-                for col in cols.tolist():
-                    nxt = tuple((t, v) for (t, _), v in zip(comps, col) if v >= 0)
-                    ids.append(self.intern(nxt))
-                row = np.asarray(ids, np.int32)[inv.reshape(-1)]
+                dd = self.terminal_dd(t)[q]
+            else:
+                sparse = [self._sparse(t, q) for t, q in comps]
+                wide = [i for i, x in enumerate(sparse) if x is None]
+                if len(wide) <= 1:
+                    row = self._combined_row(comps, sparse, wide[0] if wide else -1)
+                else:
+                    row = self._general_row(comps)
+                # the combined state dies only when all its components have: any component's
+                # bound holds (the wide ones' are those worth having, when already known)
+                known = [self.term_dd[comps[i][0]][comps[i][1]] for i in wide if comps[i][0] in self.term_dd]
+                if known:
+                    dd = np.max(known, axis=0)
             self.table[sid] = row
-            self.loops[sid] = np.packbits(row == sid, bitorder="little").view(np.uint64)
-            self.has_loop[sid] = bool((row == sid).any())
-            self.rows[sid] = row.tolist()
-            self.has_row[sid] = True
+            if dd is not None:
+                self.dd[sid] = dd
+            same = self.table[sid] == sid
+            if same.any():
+                self.loops[sid] = np.packbits(same, bitorder="little").view(np.uint64)
+                self.has_loop[sid] = True
+            self.has_row[sid] = True  # the tuple view in self.rows is made on demand (row())
 
-    def _combined_row(self, comps: tuple[tuple[int, int], ...], mat: np.ndarray) -> np.ndarray | None:
-        """The row of a combined state where at most one component is *wide* (alive on more
-        than :data:`NARROW` bytes) — say a JSON string next to key literals: the wide
-        component's row gives every byte the narrow ones leave alone, and only the few bytes
-        a narrow component continues on need a combined state. ``None`` when two or more
-        components are wide (the caller's general path)."""
-        live = mat >= 0
-        counts = live.sum(axis=1)
-        wide = np.flatnonzero(counts > NARROW)
-        if len(wide) > 1:
-            return None
-        if len(wide):
-            w = int(wide[0])
+    def _general_row(self, comps: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """The row of a combined state by distinct columns (next component states per byte):
+        sort, then cut at changes."""
+        mat = np.stack([self.dfas[t].trans[s] for t, s in comps])  # [k, 256]
+        order = np.lexsort(mat[::-1])
+        sc = mat.T[order]
+        new = np.ones(256, bool)
+        new[1:] = (sc[1:] != sc[:-1]).any(axis=1)
+        inv = np.empty(256, np.int64)
+        inv[order] = np.cumsum(new) - 1
+        cols = sc[new]
+        ids = []
+        for col in cols.tolist():
+            nxt = tuple((t, v) for (t, _), v in zip(comps, col) if v >= 0)
+            ids.append(self.intern(nxt))
+        return np.asarray(ids, np.int32)[inv.reshape(-1)]
+
+    def _combined_row(self, comps: tuple[tuple[int, int], ...], sparse: list, w: int) -> np.ndarray:
+        """The row of a combined state where at most one component (``w``; -1: none) is
+        *wide* (alive on more than :data:`NARROW` bytes) — say a JSON string next to key
+        literals: the wide component's row gives every byte the narrow ones leave alone, and
+        only the few bytes a narrow component continues on need a combined state."""
+        if w >= 0:
             # the wide component alone is a single-terminal state: its row is the default
             ws = self.intern((comps[w],))
             if not self.has_row[ws]:
                 self._build_dfa_rows(comps[w][0])
             row = self.table[ws].copy()
-            live[w] = False
+            wt, wq = comps[w]
+            wtrans = self.dfas[wt].trans[wq]
         else:
             row = np.zeros(256, np.int32)
-        special = np.flatnonzero(live.any(axis=0)).tolist()
-        if special:
-            sub = mat[:, special].T.tolist()  # [bytes, comps]
-            for b, col in zip(special, sub):
-                row[b] = self.intern(tuple((t, v) for (t, _), v in zip(comps, col) if v >= 0))
+        groups: dict[int, list[tuple[int, tuple[int, int]]]] = {}
+        for i, sp in enumerate(sparse):
+            if i != w:
+                t = comps[i][0]
+                for b, v in sp:
+                    groups.setdefault(b, []).append((i, (t, v)))
+        for b, items in groups.items():
+            if w >= 0 and wtrans[b] >= 0:
+                items.append((w, (wt, int(wtrans[b]))))
+                items.sort()
+            row[b] = self.intern(tuple(c for _, c in items))
         return row
+
+
+def _death_distances(dfa: DFA) -> np.ndarray:
+    """:meth:`LexerStates.terminal_dd` of ``dfa`` (a reverse BFS in ``native.dk_dd`` over the
+    byte classes that both automata agree on)."""
+    from plugins.constraints.native import ptr, trie_walker
+
+    nq = dfa.size
+    out = np.zeros((nq, NP), np.uint8)
+    walk = trie_walker()
+    if walk is None or nq == 0:
+        return out
+    cols = np.ascontiguousarray(np.concatenate([dfa.trans, UTF8_TEXT], axis=0).T)  # [256, nq + NP]
+    _, first, inv = np.unique(cols.view(np.dtype((np.void, cols.shape[1] * 4))).reshape(-1), return_index=True,
+                              return_inverse=True)
+    reps = cols[first]  # [nc, nq + NP]: one column per byte class
+    T = np.ascontiguousarray(reps[:, :nq].T, np.int32)
+    P = np.ascontiguousarray(reps[:, nq:].T, np.int32)
+    nc, n = len(first), nq * NP
+    cnt, adj, queue = np.zeros(n + 1, np.int32), np.zeros(n * nc, np.int32), np.zeros(n, np.int32)
+    walk.dd(nq, nc, ptr(T), NP, ptr(P), ptr(out), ptr(cnt), ptr(adj), ptr(queue))
+    return out
 
 
 LEXER = LexerStates()
@@ -357,8 +478,11 @@ class Vocab:
         self.hash = h.hexdigest()[:32]
         self.levels: dict[int, Level] = {}
         self._trie: TokenTrie | None = None
-        self._flat: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._flat_ptrs: tuple[int, int, int] | None = None
+        # every token's bytes back to back, for the compiled classification
+        self._flat = (np.frombuffer(b"".join(table) or b"\0", np.uint8).copy(), np.ascontiguousarray(np.cumsum(lens) - lens),
+                      np.ascontiguousarray(lens))
+        self._cbuf: tuple | None = None  # its reused output buffers and their addresses
+        self._clock = threading.Lock()
         self._fb_cache: dict[bytes, int] = {}
         first = np.where(lens > 0, self.mat[:, 0], 0).astype(np.int64)
         self.first_byte = first
@@ -463,39 +587,71 @@ class Vocab:
         loop from :mod:`plugins.constraints.native` when available, else numpy)."""
         from plugins.constraints.native import classifier
 
+        if len(ids) <= SMALL_CLASSIFY:
+            return self.classify_small(start, ids, offs)
         fn = classifier()
-        if fn is not None and len(ids):
+        if fn is not None:
             return self._classify_native(fn, start, ids, offs)
         return self.classify_numpy(start, ids, offs)
+
+    def classify_small(self, start: int, ids: np.ndarray, offs: np.ndarray) -> Level:
+        """:meth:`classify` token by token in Python: for a few tokens, cheaper than any call
+        into numpy or C."""
+        lex = LEXER
+        rows, accepts, table = lex.rows, lex.accepts, self.table
+        mask = 0
+        stuck: dict[int, tuple[list[int], list[int]]] = {}
+        for t, p in zip(ids.tolist(), offs.tolist()):
+            data = table[t]
+            s = start
+            end = len(data)
+            while p < end:
+                row = rows[s]
+                if row is None:
+                    row = lex.row(s)
+                n = row[data[p]]
+                if n == 0:
+                    break
+                s, p = n, p + 1
+            if p == end:
+                mask |= 1 << t
+            elif accepts[s]:
+                got = stuck.get(s)
+                if got is None:
+                    got = stuck[s] = ([], [])
+                got[0].append(t)
+                got[1].append(p)
+        branches = [Branch(x, np.asarray(stuck[x][0], np.int64), np.asarray(stuck[x][1], np.int64)) for x in sorted(stuck)]
+        return Level(mask, branches)
 
     def _classify_native(self, fn: Any, start: int, ids: np.ndarray, offs: np.ndarray) -> Level:
         from plugins.constraints.native import ptr
 
-        if self._flat is None:
-            lens = np.fromiter((len(b) for b in self.table), np.int64, self.size)
-            self._flat = (np.frombuffer(b"".join(self.table) or b"\0", np.uint8).copy(),
-                          np.ascontiguousarray(np.cumsum(lens) - lens), lens)
-        data, tok_off, tok_len = self._flat
-        if self._flat_ptrs is None:
-            self._flat_ptrs = (ptr(data), ptr(tok_off), ptr(tok_len))
-        p_data, p_off, p_len = self._flat_ptrs
         lex = LEXER
         lex.row(start)
         ids = np.ascontiguousarray(ids, np.int64)
         offs = np.ascontiguousarray(offs, np.int64)
         n = len(ids)
-        status = np.empty(n, np.uint8)
-        sx = np.empty(n, np.int32)
-        sp = np.empty(n, np.int32)
-        missing = np.empty(256, np.int32)
-        while True:
-            with lex.lock:
-                t_p, h_p, a_p, _, _ = lex.pointers()
-                nm = fn(t_p, h_p, a_p, start, p_data, p_off, p_len,
-                        ptr(ids), ptr(offs), n, ptr(status), ptr(sx), ptr(sp), ptr(missing), len(missing))
-            if nm == 0:
-                break
-            lex.close_rows(missing[:nm].tolist(), limit=0)
+        p_ids, p_offs = ids.__array_interface__["data"][0], offs.__array_interface__["data"][0]
+        with self._clock:
+            if self._cbuf is None or len(self._cbuf[0]) < n:
+                m = max(n, 1024)
+                bufs = (np.empty(m, np.uint8), np.empty(m, np.int32), np.empty(m, np.int32), np.empty(256, np.int32))
+                data, tok_off, tok_len = self._flat
+                self._cbuf = bufs + (tuple(ptr(a) for a in (data, tok_off, tok_len) + bufs),)
+            status, sx, sp, missing, pt = self._cbuf
+            resume = 0
+            while True:
+                with lex.lock:
+                    t_p, h_p, a_p = lex.pointers()[:3]
+                    nm = fn(t_p, h_p, a_p, start, pt[0], pt[1], pt[2], p_ids, p_offs, n, pt[3], pt[4], pt[5], pt[6], 256,
+                            resume)
+                if nm == 0:
+                    break
+                # build the rows the walk stopped at; the next pass resumes those tokens there
+                lex.close_rows(missing[:nm].tolist(), limit=0)
+                resume = 1
+            status, sx, sp = status[:n].copy(), sx[:n].copy(), sp[:n].copy()
         mask = self.ids_to_int(ids[status == 1])
         branches: list[Branch] = []
         stuck = np.nonzero(status == 2)[0]
@@ -504,7 +660,8 @@ class Vocab:
             order = np.argsort(x, kind="stable")
             stuck, x = stuck[order], x[order]
             cuts = np.nonzero(np.diff(x))[0] + 1
-            for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(x)].tolist()):
+            bounds = [0] + cuts.tolist() + [len(x)]
+            for a, b in zip(bounds[:-1], bounds[1:]):
                 sel = stuck[a:b]
                 branches.append(Branch(int(x[a]), ids[sel], sp[sel].astype(np.int64)))
         return Level(mask, branches)
@@ -662,6 +819,27 @@ class TokenTrie:
                     np.bitwise_or.at(acc[:, w], parent, child[:, w])
             self.desc[d] = acc
             below = acc
+        # text states (UTF8_TEXT after each node's path, -1: not text) and heights (the longest
+        # string below a node), to take a subtree whole where it is too short to kill the lexer
+        pst: list[np.ndarray] = []
+        for d in range(len(self.lo)):
+            if d == 0:
+                pst.append(UTF8_TEXT[0, self.byte[0]])
+            else:
+                par = np.repeat(pst[d - 1], self.chi[d - 1] - self.clo[d - 1])
+                pst.append(np.where(par >= 0, UTF8_TEXT[np.maximum(par, 0), self.byte[d]], -1))
+        plain: list[np.ndarray] = [np.zeros(0, bool)] * len(self.lo)
+        height: list[np.ndarray] = [np.zeros(0, np.int64)] * len(self.lo)
+        for d in range(len(self.lo) - 1, -1, -1):
+            k = len(self.lo[d])
+            ok, h = pst[d] >= 0, np.zeros(k, np.int64)
+            if d + 1 < len(self.lo) and len(self.lo[d + 1]):
+                parent = np.repeat(np.arange(k), self.chi[d] - self.clo[d])
+                bad = np.zeros(k, np.int64)
+                np.add.at(bad, parent, ~plain[d + 1])
+                ok &= bad == 0
+                np.maximum.at(h, parent, height[d + 1] + 1)
+            plain[d], height[d] = ok, h
         # the same in preorder (sorted by first token, parents first) for native.py: a subtree
         # is a run of consecutive nodes, so the compiled walk reads every array front to back
         cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
@@ -675,12 +853,15 @@ class TokenTrie:
         self.p_byte = c(cat(self.byte, np.int64)[order].astype(np.uint8))
         self.p_end = c(cat(self.end, np.int64)[order])
         self.p_desc = c(np.concatenate(self.desc)[order] if self.desc else np.zeros((0, 4), np.uint64))
+        self.p_pst = c(np.where(cat(plain, bool), cat(pst, np.int64), 255)[order].astype(np.uint8))
+        self.p_height = c(np.minimum(cat(height, np.int64), 255)[order].astype(np.uint8))
         # subtree of node n: the nodes that follow it with a first token inside its range
         self.p_size = c((np.searchsorted(self.p_lo, self.p_hi, side="left") - np.arange(len(order))).astype(np.int32))
         n_all = len(order)
-        self._buffers = (np.zeros(len(self.sorted_ids), np.int64),) + tuple(np.zeros(n_all + 1, np.int32) for _ in range(6)) + (
+        n_bits = (int(self.sorted_ids.max()) + 8) // 8 if n else 1
+        self._buffers = (np.zeros(n_bits, np.uint8),) + tuple(np.zeros(n_all + 1, np.int32) for _ in range(4)) + (
             np.zeros(max(len(self.lo), 1) + 1, np.int32),)
-        self._counts = np.zeros(3, np.int64)
+        self._counts = np.zeros(1, np.int64)
         self._missing = np.zeros(256, np.int32)
         self._wlock = threading.Lock()
         self._ptrs: tuple[int, ...] | None = None
@@ -693,28 +874,24 @@ class TokenTrie:
         lex.row(start)
         first_u8 = np.ascontiguousarray(first, dtype=np.uint8)
         with self._wlock:
-            alive_buf, wlo, whi, dx, dp, dlo, dhi, stack = self._buffers
+            bits, dx, dp, dlo, dhi, stack = self._buffers
             c = self._counts
             while True:
                 if self._ptrs is None:
                     self._ptrs = tuple(ptr(a) for a in (
-                        self.p_depth, self.p_byte, self.p_end, self.p_size, self.p_lo, self.p_hi, self.p_desc, alive_buf,
-                        c[0:1], wlo, whi, c[1:2], dx, dp, dlo, dhi, c[2:3], self._missing, stack))
+                        self.p_depth, self.p_byte, self.p_end, self.p_size, self.p_lo, self.p_hi, self.p_desc, self.p_pst,
+                        self.p_height, self.sorted_ids, bits, dx, dp, dlo, dhi, c, self._missing, stack))
                 q = self._ptrs
+                bits.fill(0)
                 with lex.lock:
-                    nm = walk(*lex.pointers(), start, ptr(first_u8), len(self.p_lo), *q[:17], q[17], len(self._missing), q[18])
+                    nm = walk(*lex.pointers(), start, ptr(first_u8), len(self.p_lo), *q[:16], q[16], len(self._missing), q[17])
                 if nm == 0:
                     break
                 # rows the walk reached first: build them and what they reach, then walk again
                 lex.close_rows(self._missing[:nm].tolist())
-            na, nw, nd = (int(x) for x in c)
-            parts = [alive_buf[:na].copy()]
-            if nw:
-                lo, hi = wlo[:nw].astype(np.int64), whi[:nw].astype(np.int64)
-                cnt = hi - lo
-                parts.append(self.sorted_ids[np.arange(int(cnt.sum())) + np.repeat(lo - (np.cumsum(cnt) - cnt), cnt)])
-            mask = vocab.ids_to_int(np.concatenate(parts))
+            mask = int.from_bytes(bits.tobytes(), "little")
             branches: list[Branch] = []
+            nd = int(c[0])
             if nd:
                 xs, ps = dx[:nd].astype(np.int64), dp[:nd].astype(np.int64)
                 los, his = dlo[:nd].astype(np.int64), dhi[:nd].astype(np.int64)

@@ -268,8 +268,15 @@ class GrammarState:
         """Write the allowed tokens into ``bitmask[row]`` (int32 words, bit ``i % 32`` of word
         ``i // 32`` is token ``i``; words past the vocabulary are zeroed)."""
         words = self.cg.vocab.words
-        data = self.allowed_mask().to_bytes(words * 4, "little")
-        src = np.frombuffer(data, dtype=np.int32)
+        pos = self._hist[-1]
+        if pos is None:
+            src = np.zeros(words, np.int32)
+        else:  # the mask as int32 words, memoized beside the mask (the int -> bytes step costs)
+            sid, P, ign, fresh = pos
+            key = ("words", sid, ign, fresh)
+            src = P.memo.get(key)
+            if src is None:
+                src = P.memo[key] = np.frombuffer(self.cg.mask(pos).to_bytes(words * 4, "little"), dtype=np.int32)
         if bitmask.device.type == "cpu":
             view = bitmask.numpy()
             w = min(words, view.shape[1])
