@@ -82,6 +82,10 @@ class JsonSchemaParams(_Params):
     strict: bool = Field(False, description="reject unsupported keywords (error naming the JSON pointer) instead of ignoring them with a warning")
     whitespace: Literal["flexible", "compact"] = "flexible"
     max_whitespace: int = Field(20, ge=1, le=1000, description="flexible mode: longest whitespace run between two tokens")
+    property_order: Literal["any", "schema"] = Field(
+        "any", description="'any': object properties in any order, each at most once (objects of up to max_any_order "
+        "properties; larger ones in schema order); 'schema': in the order the schema lists them")
+    max_any_order: int = Field(6, ge=0, le=12, description="largest object whose properties may come in any order")
 
     @field_validator("schema_", mode="before")
     @classmethod

@@ -124,7 +124,8 @@ def build_grammar(kind: str, params: dict[str, Any]) -> tuple[Grammar, list[str]
     """Grammar (and warnings) for a registered constraint ``kind`` with validated ``params``."""
     if kind == "json_schema":
         opts = JsonSchemaOptions(strict=params.get("strict", False), whitespace=params.get("whitespace", "flexible"),
-                                 max_whitespace=params.get("max_whitespace", 20))
+                                 max_whitespace=params.get("max_whitespace", 20),
+                                 property_order=params.get("property_order", "any"), max_any_order=params.get("max_any_order", 6))
         return schema_grammar(params["schema"], opts)
     if kind == "json":
         opts = JsonSchemaOptions(whitespace=params.get("whitespace", "flexible"), max_whitespace=params.get("max_whitespace", 20))

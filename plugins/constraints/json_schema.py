@@ -15,8 +15,11 @@ by ``strict``: ``True`` raises :class:`ConstraintError` naming the keyword and i
 ``False`` (default) ignores it and records a warning in :attr:`SchemaCompiler.warnings` (and the
 ``warnings`` module), so outputs may then violate that keyword.
 
-Object properties are generated in the order ``properties`` lists them (as llguidance and
-XGrammar do); additional properties, when allowed, may appear anywhere. Whitespace between
+Object properties may come in any order, each at most once (``property_order="any"``, the
+default), for objects of up to ``max_any_order`` properties: the grammar tracks which properties
+were written (one rule per subset, so the limit keeps it small). Larger objects, or
+``property_order="schema"``, take properties in the order ``properties`` lists them (as
+llguidance and XGrammar do). Additional properties, when allowed, may appear anywhere. Whitespace between
 lexemes is either ``"flexible"`` (up to ``max_whitespace`` of space / tab / newline between any
 two lexemes, as JSON allows) or ``"compact"`` (none).
 """
@@ -93,6 +96,8 @@ class JsonSchemaOptions:
     max_enum: int = 10_000
     max_items_expanded: int = 2_000
     max_string_length: int = 1_000  # longest minLength / maxLength enforced exactly
+    property_order: str = "any"  # or "schema"
+    max_any_order: int = 6  # objects with more properties take them in schema order
 
 
 def json_text_node(content: rx.Node, ranges_only: bool = False) -> rx.Node:
@@ -722,6 +727,9 @@ class SchemaCompiler:
                 extras.append(b.rule([[kt, colon, v]], "xkv"))
         comma = b.lit(",")
         x = b.rule([[e] for e in extras], "extra") if extras else None
+        live = [k for k in range(len(keys)) if kvs[k] is not None]
+        if self.opts.property_order == "any" and 1 < len(live) <= self.opts.max_any_order:
+            return self._any_order_object([kvs[k] for k in live], [keys[k] in req for k in live], x)  # type: ignore[misc]
         n = len(keys)
         # first[k]/after[k]: the members from property k on, before/after the first member
         first: list[str] = [""] * (n + 1)
@@ -752,6 +760,33 @@ class SchemaCompiler:
             b.define(after[k], aa)
             b.define(first[k], fa)
         return b.rule([[b.lit("{"), first[0], b.lit("}")]], "object")
+
+    def _any_order_object(self, kvs: list[str], required: list[bool], x: str | None) -> str:
+        """``{ members }`` with the members ``kvs`` in any order, each at most once, the
+        ``required`` ones all present, and additional members ``x`` (if any) anywhere. One
+        rule per set of members written so far."""
+        b = self.b
+        comma = b.lit(",")
+        need = sum(1 << i for i, r in enumerate(required) if r)
+        rest: dict[int, str] = {}
+
+        def after(used: int) -> str:  # what may follow once the members in `used` are written
+            got = rest.get(used)
+            if got is None:
+                got = rest[used] = b.declare("members")
+                alts: list[list[str]] = [[]] if used & need == need else []
+                alts += [[comma, kv, after(used | 1 << i)] for i, kv in enumerate(kvs) if not used >> i & 1]
+                if x is not None:
+                    alts.append([comma, x, after(used)])
+                b.define(got, alts)
+            return got
+
+        first: list[list[str]] = [[]] if need == 0 else []
+        first += [[kv, after(1 << i)] for i, kv in enumerate(kvs)]
+        if x is not None:
+            first.append([x, after(0)])
+        body = b.rule(first, "members")
+        return b.rule([[b.lit("{"), body, b.lit("}")]], "object")
 
     # -- any JSON ----------------------------------------------------------------------------
     def any_value(self) -> str:
