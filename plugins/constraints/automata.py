@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from framework.errors import ConstraintTimeoutError
-from plugins.constraints.regex import Alt, And, Chars, Node, RegexError, Repeat, Seq
+from plugins.constraints.regex import Alt, And, Chars, Node, RegexError, Repeat, Seq, node_key
 
 __all__ = ["DFA", "compile_dfa", "literal_dfa", "product", "utf8_sequences", "MAX_NFA_STATES", "MAX_DFA_STATES"]
 
@@ -314,13 +314,16 @@ def product(a: DFA, b: DFA, mode: str = "and", where: str = "expression") -> DFA
     return trim(trans, accept)
 
 
-_CACHE: dict[Node, DFA] = {}
+_CACHE: dict[bytes, DFA] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def compile_dfa(node: Node, *, where: str = "expression", deadline: float | None = None) -> DFA:
-    """The trimmed byte DFA of ``node`` (memoized process-wide by the node)."""
-    got = _CACHE.get(node)
+def compile_dfa(node: Node, *, where: str = "expression", deadline: float | None = None, key: bytes | None = None) -> DFA:
+    """The trimmed byte DFA of ``node`` (memoized process-wide by ``key``, default
+    :func:`regex.node_key` of the node)."""
+    if key is None:
+        key = node_key(node)
+    got = _CACHE.get(key)
     if got is not None:
         return got
     if isinstance(node, And):
@@ -334,5 +337,5 @@ def compile_dfa(node: Node, *, where: str = "expression", deadline: float | None
     with _CACHE_LOCK:
         if len(_CACHE) > 20000:
             _CACHE.clear()
-        _CACHE[node] = dfa
+        _CACHE[key] = dfa
     return dfa

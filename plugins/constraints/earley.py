@@ -16,6 +16,7 @@ completions they cause.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Iterable
 
@@ -61,7 +62,7 @@ class EarleySet:
     """One parse state. ``terminals``: terminal symbols that may come next; ``accepting``: the
     input so far is a sentence of the grammar. Feed terminals with :meth:`scan`."""
 
-    __slots__ = ("g", "kwait", "block", "terminals", "accepting", "children", "memo", "__weakref__")
+    __slots__ = ("g", "kwait", "block", "terminals", "accepting", "memo", "uid", "__weakref__")
 
     def __init__(self, g: "EarleyGrammar", kwait: dict, block: _Block, accepting: bool):
         self.g = g
@@ -70,18 +71,20 @@ class EarleySet:
         self.accepting = accepting
         n_nt = g.n_nt
         self.terminals: frozenset[int] = block.terminals | frozenset(s for s in kwait if s >= n_nt)
-        self.children: dict = {}
-        self.memo: dict = {}  # scratch space for the layers above (lexer states, masks)
+        # transitions (keys: tuples of terminal symbols) and, under int keys, scratch space for
+        # the layers above (lexer states, masks): one dict, fewer objects for the cyclic GC
+        self.memo: dict = {}
+        self.uid = next(g._uids)
 
     def scan(self, terms: Iterable[int]) -> "EarleySet | None":
         """The state after one lexeme of any of the terminal symbols ``terms`` (``None``: not
         allowed here). Memoized."""
         key = terms if isinstance(terms, tuple) else tuple(terms)
-        got = self.children.get(key, False)
+        got = self.memo.get(key, False)
         if got is not False:
             return got
         res = self.g._scan(self, key)
-        self.children[key] = res
+        self.memo[key] = res
         return res
 
 
@@ -123,6 +126,8 @@ class EarleyGrammar:
         self._blocks: dict[frozenset[int], _Block] = {}
         self._intern: dict = {}
         self._lock = threading.Lock()
+        self._uids = itertools.count()
+        self.width = max((len(b) for b in self.rhs), default=0) + 1  # dot positions per rule
         self.max_states = 200_000
         root_block = self.block(frozenset((self.n_nt - 1,)))
         self.root = EarleySet(self, {}, root_block, root_block.complete_start)
@@ -180,7 +185,10 @@ class EarleyGrammar:
                     todo.append((r, d + 1, o))
         block = self.block(frozenset(need))
         accepting = accepting or block.complete_start
-        key = (frozenset(it for lst in kwait.values() for it in lst), accepting)
+        # hash-consing key: the kernel items as ints (rule, dot, origin's uid), sorted — a
+        # tuple of ints, which the cyclic GC stops tracking
+        w = self.width
+        key = (accepting, tuple(sorted(((r * w + d) << 32) | o.uid for lst in kwait.values() for r, d, o in lst)))
         got = self._intern.get(key)
         if got is not None:
             return got
@@ -189,6 +197,6 @@ class EarleyGrammar:
             if len(self._intern) > self.max_states:
                 # Bound memory: forget the shared table (live sequences keep their own states).
                 self._intern.clear()
-                self.root.children.clear()
+                self.root.memo.clear()
             self._intern[key] = new
         return new

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from plugins.constraints.automata import DFA
-from plugins.constraints.regex import Node
 
 __all__ = ["LexerStates", "LEXER", "Vocab", "Level", "Branch", "FirstByteBranch", "vocab_for", "LMAX"]
 
@@ -75,7 +74,7 @@ class LexerStates:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.dfas: list[DFA] = []
-        self.tid_by_node: dict[Node, int] = {}
+        self.tid_by_key: dict[bytes, int] = {}  # terminal ids by regex.node_key of their syntax tree
         self.states: list[tuple[tuple[int, int], ...]] = [()]
         self.index: dict[tuple[tuple[int, int], ...], int] = {(): 0}
         cap = 1024
@@ -97,11 +96,12 @@ class LexerStates:
         self.starts: dict[frozenset[int], int] = {}
         self._ptrs: tuple[int, tuple[int, int, int, int, int]] | None = None
 
-    def terminal(self, node: Node, dfa: DFA) -> int:
+    def terminal(self, key: bytes, dfa: DFA) -> int:
+        """The process-wide id of the terminal whose syntax tree has ``regex.node_key`` ``key``."""
         with self.lock:
-            tid = self.tid_by_node.get(node)
+            tid = self.tid_by_key.get(key)
             if tid is None:
-                tid = self.tid_by_node[node] = len(self.dfas)
+                tid = self.tid_by_key[key] = len(self.dfas)
                 self.dfas.append(dfa)
             return tid
 

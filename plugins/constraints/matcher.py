@@ -20,7 +20,6 @@ token leaves a position from which the grammar can still be completed: masks nev
 
 from __future__ import annotations
 
-import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,6 +30,7 @@ from plugins.constraints.automata import compile_dfa
 from plugins.constraints.earley import EarleyGrammar, EarleySet
 from plugins.constraints.grammar import Grammar
 from plugins.constraints.lexer import LEXER, TRIE_MIN_TOKENS, Branch, Vocab, vocab_for
+from plugins.constraints.regex import node_key
 
 __all__ = ["CompiledGrammar", "GrammarState", "apply_token_bitmask_", "allocate_token_bitmask"]
 
@@ -55,6 +55,7 @@ class CompiledGrammar:
             self.vocab.trie  # noqa: B018 - built once per tokenizer, here (off the engine thread) rather than in a mask
         self.earley = EarleyGrammar(grammar)
         eg = self.earley
+        self._nsym = eg.n_nt + len(eg.term_names) + 2  # symbol ids (and -1) in memo keys
         self.tid_syms: dict[int, tuple[int, ...]] = {}
         self.sym_tid: dict[int, int] = {}
         self.literal: dict[int, bool] = {}
@@ -62,12 +63,13 @@ class CompiledGrammar:
         for k, name in enumerate(eg.term_names):
             term = grammar.terminals[name]
             where = f"{grammar.source}: terminal {name}"
-            dfa = compile_dfa(term.node, where=where, deadline=deadline)
+            key = node_key(term.node)
+            dfa = compile_dfa(term.node, where=where, deadline=deadline, key=key)
             if dfa.empty():
                 raise ConstraintError(f"{where} matches no string")
             if dfa.accepts_empty():
                 raise ConstraintError(f"{where} matches the empty string (a lexeme must not be empty)")
-            tid = LEXER.terminal(term.node, dfa)
+            tid = LEXER.terminal(key, dfa)
             sym = eg.n_nt + k
             self.sym_tid[sym] = tid
             self.tid_syms[tid] = self.tid_syms.get(tid, ()) + (sym,)
@@ -87,7 +89,7 @@ class CompiledGrammar:
     def present(self, P: EarleySet, ign: int) -> frozenset[int]:
         """Terminal symbols the lexer tries at a lexeme start: what the parser allows, their
         shadows, and the ignored terminals (not the one just ignored)."""
-        key = ("present", ign)
+        key = (ign + 1) << 3  # memo keys are ints (no tuples for the cyclic GC to track)
         got = P.memo.get(key)
         if got is None:
             syms = set(P.terminals)
@@ -99,7 +101,7 @@ class CompiledGrammar:
         return got
 
     def lex_start(self, P: EarleySet, ign: int) -> int:
-        key = ("start", ign)
+        key = ((ign + 1) << 3) | 1
         sid = P.memo.get(key)
         if sid is None:
             st = self.sym_tid
@@ -108,7 +110,7 @@ class CompiledGrammar:
 
     def feed(self, P: EarleySet, ign: int, X: int) -> tuple[EarleySet, int] | None:
         """The parse state after the lexeme that ended in lexer state ``X``."""
-        key = ("feed", ign, X)
+        key = ((X * self._nsym + ign + 1) << 3) | 2
         got = P.memo.get(key, False)
         if got is not False:
             return got
@@ -142,7 +144,7 @@ class CompiledGrammar:
     def mask(self, pos: _Pos) -> int:
         """Allowed tokens at ``pos`` as a Python int bitset (bit ``i`` = token ``i``)."""
         sid, P, ign, fresh = pos
-        key = ("mask", sid, ign, fresh)
+        key = (((sid * 2 + fresh) * self._nsym + ign + 1) << 3) | 3
         m = P.memo.get(key)
         if m is not None:
             return m
@@ -251,7 +253,7 @@ class GrammarState:
         if pos is None:
             return 0
         sid, P, ign, fresh = pos
-        return P.memo.get(("mask", sid, ign, fresh))
+        return P.memo.get((((sid * 2 + fresh) * self.cg._nsym + ign + 1) << 3) | 3)
 
     def allowed_token_ids(self) -> list[int]:
         m, out = self.allowed_mask(), []
@@ -273,7 +275,7 @@ class GrammarState:
             src = np.zeros(words, np.int32)
         else:  # the mask as int32 words, memoized beside the mask (the int -> bytes step costs)
             sid, P, ign, fresh = pos
-            key = ("words", sid, ign, fresh)
+            key = (((sid * 2 + fresh) * self.cg._nsym + ign + 1) << 3) | 4
             src = P.memo.get(key)
             if src is None:
                 src = P.memo[key] = np.frombuffer(self.cg.mask(pos).to_bytes(words * 4, "little"), dtype=np.int32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+import hashlib
 from dataclasses import dataclass
 
 try:  # Python 3.11+
@@ -80,6 +81,12 @@ class And(Node):
 
 EMPTY = Seq(())
 NOTHING = Alt(())
+
+
+def node_key(node: Node) -> bytes:
+    """A 16-byte digest of ``node``'s structure: the key of process-wide caches, which then
+    hold bytes rather than whole syntax trees (objects the cyclic GC would keep scanning)."""
+    return hashlib.blake2b(repr(node).encode(), digest_size=16).digest()
 
 
 def normalize_ranges(ranges) -> Ranges:
