@@ -53,17 +53,18 @@ PROCESSOR_NAME = "constraint"
 DEFAULT_TIMEOUT_S = 30.0
 """Time limit of a compilation whose factory does not set its own (``factory.timeout_s``)."""
 
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOLS: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    """One background thread for third-party constraint factories without ``submit``."""
-    global _POOL
+def _pool(name: str = "constraint-ext") -> concurrent.futures.ThreadPoolExecutor:
+    """A one-thread executor per use: ``constraint-ext`` compiles third-party constraints
+    whose factory has no ``submit``; ``mask`` prefetches masks during the forward."""
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decodekit-constraint-ext")
-        return _POOL
+        pool = _POOLS.get(name)
+        if pool is None:
+            pool = _POOLS[name] = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decodekit-{name}")
+        return pool
 
 
 @dataclass(eq=False)
@@ -104,6 +105,11 @@ class ConstraintHandle:
         return self.future.result(timeout=0)
 
 
+def _run_all(fns: list) -> None:
+    for f in fns:
+        f()
+
+
 def spec_of(params: SamplingParams) -> tuple[str, Any] | None:
     """``(registered constraint name, raw params)`` a request asks for, or None."""
     getter = getattr(params, "constraint_spec", None)
@@ -132,6 +138,25 @@ class ConstraintProcessor:
         self.pm: Any = None
         self.states: dict[int, Any] = {}
         self._bitmask: torch.Tensor | None = None
+        self._pending: concurrent.futures.Future | None = None  # masks being prefetched
+
+    # -- prefetching (masks computed while the forward runs) --------------------------------
+    def prefetch(self) -> None:
+        """Start computing the next mask of every state on a worker thread and return at once
+        (the engine calls it just before the model's forward; states without ``prefetch()``
+        are skipped). Every other method first waits for it, so states are never used from
+        two threads at a time."""
+        if self._pending is not None or not self.states:
+            return
+        warm = [f for f in (getattr(st, "prefetch", None) for st in self.states.values()) if f is not None]
+        if warm:
+            self._pending = _pool("mask").submit(_run_all, warm)
+
+    def wait(self) -> None:
+        """Wait for the prefetch in flight, if any."""
+        fut, self._pending = self._pending, None
+        if fut is not None:
+            fut.result()
 
     def bind(self, pm: Any) -> None:
         """Resolve constraint names in ``pm``'s ``constraint`` registry."""
@@ -202,6 +227,7 @@ class ConstraintProcessor:
     def add_request(self, slot: int, handle: ConstraintHandle, request: RequestInfo) -> None:
         """A fresh state for ``slot``, advanced through the tokens generated so far (a resumed
         or rebuilt sequence continues exactly where it was)."""
+        self.wait()
         state = handle.compiled.new_state()
         outputs = request.token_ids[request.num_prompt_tokens :]
         for k, tok in enumerate(outputs):
@@ -210,9 +236,11 @@ class ConstraintProcessor:
         self.states[slot] = state
 
     def remove(self, slot: int) -> None:
+        self.wait()
         self.states.pop(slot, None)
 
     def fork(self, src: int, dst: int) -> None:
+        self.wait()
         state = self.states[src]
         copy = getattr(state, "copy", None)
         if copy is None:
@@ -221,6 +249,7 @@ class ConstraintProcessor:
 
     def state(self, slot: int | None) -> Any | None:
         """The state of ``slot`` (None when the slot has no constraint)."""
+        self.wait()
         return None if slot is None else self.states.get(slot)
 
     # -- per step ---------------------------------------------------------------------------
@@ -232,6 +261,7 @@ class ConstraintProcessor:
 
     def fill(self, slots: Iterable[int], bitmask: torch.Tensor) -> None:
         """Write the allowed tokens of each slot's state into consecutive rows of ``bitmask``."""
+        self.wait()
         states = self.states
         for i, slot in enumerate(slots):
             states[slot].fill_bitmask(bitmask, i)
@@ -252,6 +282,7 @@ class ConstraintProcessor:
         return logits
 
     def on_tokens(self, ctx: StepContext, tokens: torch.Tensor) -> None:
+        self.wait()
         states = self.states
         for slot, tok in zip(ctx.slots, tokens.tolist()):
             state = states.get(slot)

@@ -116,6 +116,9 @@ class LLMEngine:
         # constraint processor, which computes it while the next forward runs (jump-forward then
         # only follows masks already known)
         self.constraint_overlap = self.device.type != "cpu"
+        # on CPU the forward blocks this thread: with constraint_prefetch the next masks are
+        # computed on a worker thread meanwhile (torch releases the GIL inside its kernels)
+        self.constraint_prefetch = False
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._req_ids = itertools.count()
@@ -278,6 +281,8 @@ class LLMEngine:
     # ------------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        if self._constraints is not None:
+            self._constraints.wait()  # a prefetch still running from a step that sampled nothing
         early = self._poll_compiling() if self._compiling else []
         sched = self.scheduler.schedule()
         for seq in sched.preempted:  # recomputed later: re-added to its processors from its tokens
@@ -290,6 +295,8 @@ class LLMEngine:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = t0
                 seq.request.metrics.num_cached_tokens = seq.num_computed_tokens
+        if self.constraint_prefetch and self._constraints is not None:
+            self._constraints.prefetch()
         due, logits = self.runner.run(sched)
         bm = self.block_manager
         for seq, n in sched.scheduled:

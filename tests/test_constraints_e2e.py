@@ -413,3 +413,24 @@ def test_grammar_end_wins_over_min_tokens(llm):
         finally:
             eng.jump_forward = True
         assert out.text == "abc" and out.finish_reason == "stop"
+
+
+def test_prefetched_masks_give_the_same_outputs(llm):
+    """With ``constraint_prefetch`` the next masks are computed on a worker thread while the
+    forward runs; sampled outputs (seeded) are token for token those of the plain path."""
+    eng = llm.engine
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"},
+                                               "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+              "required": ["name", "age"]}
+    params = [SamplingParams(json_schema=schema, max_tokens=48, temperature=0.9, seed=s) for s in range(6)]
+    params += [SamplingParams(regex=r"[a-z]{2,6}-[0-9]{3}", max_tokens=16, temperature=0.9, seed=7),
+               SamplingParams(max_tokens=12, temperature=0.9, seed=8)]  # an unconstrained row in the batch
+    prompts = [f"Record {i}: " for i in range(len(params))]
+    plain = [o.outputs[0] for o in llm.generate(prompts, params)]
+    eng.constraint_prefetch = True
+    try:
+        pre = [o.outputs[0] for o in llm.generate(prompts, params)]
+    finally:
+        eng.constraint_prefetch = False
+    assert [o.token_ids for o in pre] == [o.token_ids for o in plain]
+    assert eng._constraints._pending is None and not eng._constraints.states

@@ -266,19 +266,29 @@ class GrammarState:
     def is_token_allowed(self, token: int) -> bool:
         return bool(self.allowed_mask() >> token & 1) if token >= 0 else False
 
+    def prefetch(self) -> None:
+        """Compute (and memoize) the current mask and its bitmask words, so that the next
+        :meth:`fill_bitmask` is a copy (the engine runs this while the model's forward runs)."""
+        if self._hist[-1] is not None:
+            self._words()
+
+    def _words(self) -> np.ndarray:
+        words = self.cg.vocab.words
+        pos = self._hist[-1]
+        if pos is None:
+            return np.zeros(words, np.int32)
+        sid, P, ign, fresh = pos  # the mask as int32 words, memoized beside the mask
+        key = (((sid * 2 + fresh) * self.cg._nsym + ign + 1) << 3) | 4
+        src = P.memo.get(key)
+        if src is None:
+            src = P.memo[key] = np.frombuffer(self.cg.mask(pos).to_bytes(words * 4, "little"), dtype=np.int32)
+        return src
+
     def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
         """Write the allowed tokens into ``bitmask[row]`` (int32 words, bit ``i % 32`` of word
         ``i // 32`` is token ``i``; words past the vocabulary are zeroed)."""
         words = self.cg.vocab.words
-        pos = self._hist[-1]
-        if pos is None:
-            src = np.zeros(words, np.int32)
-        else:  # the mask as int32 words, memoized beside the mask (the int -> bytes step costs)
-            sid, P, ign, fresh = pos
-            key = (((sid * 2 + fresh) * self.cg._nsym + ign + 1) << 3) | 4
-            src = P.memo.get(key)
-            if src is None:
-                src = P.memo[key] = np.frombuffer(self.cg.mask(pos).to_bytes(words * 4, "little"), dtype=np.int32)
+        src = self._words()
         if bitmask.device.type == "cpu":
             view = bitmask.numpy()
             w = min(words, view.shape[1])
