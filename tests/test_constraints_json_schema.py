@@ -356,3 +356,31 @@ def test_schema_order_option_and_the_size_limit(small_tok):
     small = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}
     fixed = CompiledGrammar(json_schema_grammar(small, JsonSchemaOptions(property_order="schema"))[0], small_tok)
     assert _accepts(fixed, in_order) and not _accepts(fixed, reversed_)
+
+
+def test_long_optional_property_lists_parse_in_one_way(small_tok):
+    """Schema-order objects with many optional properties and additional ones: each text has one
+    parse, so the parser carries one item per open position (it carried one per property that
+    could have been skipped, 24 here, when additional members could attach after any of them:
+    quadratic work in long objects)."""
+    props = {f"p{i:02d}": {"type": "integer"} for i in range(30)}
+    schema = {"type": "object", "properties": props, "additionalProperties": {"type": "integer"}}
+    cg = CompiledGrammar(json_schema_grammar(schema)[0], small_tok)
+
+    byte_tok = {b[0]: i for i, b in enumerate(small_tok.token_byte_table()) if len(b) == 1}
+
+    def kernel(text: str) -> int:
+        st = cg.new_state()
+        for b in text.encode():
+            assert st.advance(byte_tok[b]), text
+        P = st._hist[-1][1]
+        return sum(len(v) for v in P.kwait.values())
+
+    # the parse state after a member value (the comma is the lexeme in progress)
+    few = '{"p03": 1, "x0": 2, "x1": 3, "p07": 4, "y": 5,'
+    many = '{"p03": 1, "x0": 2, "x1": 3, "x2": 2, "x3": 3, "x4": 2, "x5": 3, "x6": 2, "p07": 4, "y": 5,'
+    assert kernel(many) == kernel(few) <= 4
+    for text in ('{"x":1,"p00":2,"y":3,"p29":4,"z":5}', '{"p05":1,"p01":2}'.replace('"p05":1,', ""), "{}"):
+        assert _accepts(cg, text), text
+    for text in ('{"p05":1,"p01":2}', '{"p01":1,"p01":2}', '{"x":"s"}'):
+        assert not _accepts(cg, text), text

@@ -269,3 +269,21 @@ def test_small_id_sets_make_the_same_bitset(qwen):
         for i in ids.tolist():
             want |= 1 << i
         assert voc.ids_to_int(ids) == want
+
+
+def test_decomposed_levels_match_per_token_classification(qwen):
+    """A combined lexer state's level built from its dominant component's level plus the rest
+    (walked in the trie, or classified token by token when few) equals the per-token
+    classification of every token."""
+    voc = vocab_for(qwen)
+    sids = _walked_states(qwen)
+    decomposed = 0
+    for sid in sids:
+        comps = LEXER.states[sid]
+        viable = np.asarray(LEXER.row(sid)) != 0
+        if len(comps) < 2 or voc.fb_count[viable].sum() <= 2000:
+            continue
+        ids = voc.tokens_with_first(viable)
+        assert _canon(voc.level(sid)) == _canon(voc.classify_numpy(sid, ids, np.zeros(len(ids), np.int64))), sid
+        decomposed += 1
+    assert decomposed >= 5

@@ -731,35 +731,37 @@ class SchemaCompiler:
         if self.opts.property_order == "any" and 1 < len(live) <= self.opts.max_any_order:
             return self._any_order_object([kvs[k] for k in live], [keys[k] in req for k in live], x)  # type: ignore[misc]
         n = len(keys)
-        # first[k]/after[k]: the members from property k on, before/after the first member
-        first: list[str] = [""] * (n + 1)
+        # after[k]: the members after the written ones when property k is the next that may
+        # come, each introduced by a comma; first: all the members of the object. Additional
+        # members (x) attach only right after the last written property (after[k] ::= "," x
+        # after[k]), never after a skipped optional one: one parse per text, so the parser
+        # carries one item per position instead of one per property that could have been
+        # skipped (which made long optional-property lists quadratic).
+        # after0[k]/first0[k]: the same, not starting with an additional member
+        after0: list[str] = [""] * (n + 1)
+        first0: list[str] = [""] * (n + 1)
         after: list[str] = [""] * (n + 1)
-        after[n] = b.declare("after")
-        first[n] = b.declare("first")
-        if x is None:
-            b.define(after[n], [[]])
-            b.define(first[n], [[]])
-        else:
-            b.define(after[n], [[], [comma, x, after[n]]])
-            b.define(first[n], [[], [x, after[n]]])
-        for k in range(n - 1, -1, -1):
-            kv, optional = kvs[k], keys[k] not in req
-            fa: list[list[str]] = []
-            aa: list[list[str]] = []
-            if kv is not None:
-                fa.append([kv, after[k + 1]])
-                aa.append([comma, kv, after[k + 1]])
-            if optional:
-                fa.append([first[k + 1]])
-                aa.append([after[k + 1]])
-            after[k] = b.declare("after")
-            first[k] = b.declare("first")
-            if x is not None:
-                fa.append([x, after[k]])
-                aa.append([comma, x, after[k]])
-            b.define(after[k], aa)
-            b.define(first[k], fa)
-        return b.rule([[b.lit("{"), first[0], b.lit("}")]], "object")
+        after0[n] = first0[n] = b.rule([[]], "end")
+        for k in range(n, -1, -1):
+            if k < n:
+                kv, optional = kvs[k], keys[k] not in req
+                fa: list[list[str]] = []
+                aa: list[list[str]] = []
+                if kv is not None:
+                    fa.append([kv, after[k + 1]])
+                    aa.append([comma, kv, after[k + 1]])
+                if optional:
+                    fa.append([first0[k + 1]])
+                    aa.append([after0[k + 1]])
+                after0[k] = b.rule(aa, "after")  # not empty: a property without a schema is optional
+                first0[k] = b.rule(fa, "first")
+            if x is None:
+                after[k] = after0[k]
+            else:
+                after[k] = b.declare("after")
+                b.define(after[k], [[after0[k]], [comma, x, after[k]]])
+        first = first0[0] if x is None else b.rule([[first0[0]], [x, after[0]]], "first")
+        return b.rule([[b.lit("{"), first, b.lit("}")]], "object")
 
     def _any_order_object(self, kvs: list[str], required: list[bool], x: str | None) -> str:
         """``{ members }`` with the members ``kvs`` in any order, each at most once, the

@@ -561,8 +561,12 @@ class Vocab:
             if self.fb_count[others].sum() < 0.25 * total and rest.any():
                 dom = lex.intern((comps[k],))
                 base = self.restrict(self.level(dom), rest)
-                ids = self.tokens_with_first(viable & others)
-                extra = self.classify(sid, ids, np.zeros(len(ids), np.int64))
+                fb = viable & others
+                if self.fb_count[fb].sum() >= TRIE_MIN_EXTRA:
+                    extra = self.trie.classify(self, sid, fb)
+                else:
+                    ids = self.tokens_with_first(fb)
+                    extra = self.classify(sid, ids, np.zeros(len(ids), np.int64))
                 return Level(base.mask | extra.mask, branches + base.branches + extra.branches)
         if total >= TRIE_MIN_TOKENS:
             lv = self.trie.classify(self, sid, viable)
@@ -740,6 +744,7 @@ class Vocab:
 
 
 TRIE_MIN_TOKENS = 4000  # classifications over at least this many tokens walk the trie
+TRIE_MIN_EXTRA = 100  # the same for the part of a decomposed state's level outside its dominant component
 
 
 def _byte_bits(b: np.ndarray) -> np.ndarray:
