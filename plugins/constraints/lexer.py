@@ -77,7 +77,7 @@ class LexerStates:
         self.tid_by_key: dict[bytes, int] = {}  # terminal ids by regex.node_key of their syntax tree
         self.states: list[tuple[tuple[int, int], ...]] = [()]
         self.index: dict[tuple[tuple[int, int], ...], int] = {(): 0}
-        cap = 1024
+        cap = 1 << 16  # zeroed lazily by the OS: pages are paid for as rows are written
         self.table = np.zeros((cap, 256), np.int32)
         self.has_row = np.zeros(cap, bool)
         self.has_row[0] = True
@@ -492,6 +492,7 @@ class Vocab:
         self._first_cuts = np.searchsorted(ufirst[order], np.arange(257))
         self.fb_count = np.diff(self._first_cuts)
         self.fb_masks = [self.ids_to_int(self._by_first[self._first_cuts[b] : self._first_cuts[b + 1]]) for b in range(256)]
+        self.usable_mask = self.ids_to_int(self.usable_ids)
 
     def tokens_with_first(self, fb: np.ndarray) -> np.ndarray:
         """Usable token ids whose first byte ``b`` has ``fb[b]`` set."""
@@ -502,9 +503,16 @@ class Vocab:
         key = fb.tobytes()
         m = self._fb_cache.get(key)
         if m is None:
-            m = 0
-            for b in np.nonzero(fb)[0].tolist():
-                m |= self.fb_masks[b]
+            on = np.flatnonzero(fb).tolist()
+            if len(on) <= 128:
+                m = 0
+                for b in on:
+                    m |= self.fb_masks[b]
+            else:  # most bytes: every usable token but those starting with the others
+                off = 0
+                for b in np.flatnonzero(~fb).tolist():
+                    off |= self.fb_masks[b]
+                m = self.usable_mask ^ off
             if len(self._fb_cache) > 4096:
                 self._fb_cache.clear()
             self._fb_cache[key] = m

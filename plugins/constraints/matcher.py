@@ -124,7 +124,7 @@ class CompiledGrammar:
             cands = [s for s in cands if self.priority[s] == top]
         syms = [s for s in cands if s in P.terminals]
         if syms:
-            P2 = P.scan(tuple(sorted(syms)))
+            P2 = P.scan((syms[0],) if len(syms) == 1 else tuple(sorted(syms)))
             res = None if P2 is None else (P2, -1)
         else:
             ig = [s for s in cands if s in self.ignore_syms and s != ign]
@@ -158,11 +158,19 @@ class CompiledGrammar:
         return m
 
     def _branch(self, br: Branch, P: EarleySet, ign: int) -> int:
-        r = self.feed(P, ign, br.X)
+        # feed() and lex_start() with their memo lookups inlined (the hot path of a new mask)
+        r = P.memo.get(((br.X * self._nsym + ign + 1) << 3) | 2, False)
+        if r is False:
+            r = self.feed(P, ign, br.X)
         if r is None:
             return 0
         P2, ign2 = r
-        lv = br.level(self.vocab, self.lex_start(P2, ign2))
+        sid = P2.memo.get(((ign2 + 1) << 3) | 1)
+        if sid is None:
+            sid = self.lex_start(P2, ign2)
+        lv = br.cache.get(sid)
+        if lv is None:
+            lv = br.level(self.vocab, sid)
         m = lv.mask
         for b2 in lv.branches:
             m |= self._branch(b2, P2, ign2)
