@@ -287,3 +287,28 @@ def test_decomposed_levels_match_per_token_classification(qwen):
         assert _canon(voc.level(sid)) == _canon(voc.classify_numpy(sid, ids, np.zeros(len(ids), np.int64))), sid
         decomposed += 1
     assert decomposed >= 5
+
+
+def test_restricted_branch_levels_match_classification(qwen):
+    """A branch restricted to most of its tokens takes its levels from the whole branch's,
+    restricted; they equal classifying the restricted tokens directly."""
+    from plugins.constraints.lexer import RestrictedBranch
+
+    voc = vocab_for(qwen)
+    checked = 0
+    for sid in _walked_states(qwen)[:80]:
+        for br in voc.level(sid).branches:
+            if isinstance(br, FirstByteBranch) or len(br.ids) < 8:
+                continue
+            first = br.first_bytes(voc)
+            fb = np.ones(256, bool)
+            fb[np.bincount(first, minlength=256).argmax()] = False  # drop the commonest first byte
+            r = br.restrict(voc, fb)
+            if not isinstance(r, RestrictedBranch):
+                continue
+            assert set(r.ids.tolist()) == {i for i, f in zip(br.ids.tolist(), first.tolist()) if fb[f]}
+            for start in list(br.cache)[:2]:
+                ref = _canon(voc.classify_numpy(start, r.ids, r.offs))
+                assert _canon(r.level(voc, start)) == ref, (sid, start)
+                checked += 1
+    assert checked >= 3

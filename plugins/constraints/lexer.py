@@ -403,16 +403,72 @@ class Branch:
             self._nb = nb
         return nb
 
-    def restrict(self, vocab: "Vocab", fb: np.ndarray) -> "Branch | None":
+    def first_bytes(self, vocab: "Vocab") -> np.ndarray:
+        """The tokens' first bytes as uint8 (cached: branches are restricted repeatedly)."""
         first = self._fb
-        if first is None:  # the tokens' first bytes as uint8 (cached: restricted repeatedly)
+        if first is None:
             first = self._fb = vocab.first_byte[self.ids].astype(np.uint8)
-        sel = fb[first]
-        if not sel.any():
+        return first
+
+    def restrict(self, vocab: "Vocab", fb: np.ndarray) -> "Branch | None":
+        """The tokens whose first byte is in ``fb`` (None: none of them)."""
+        sel = fb[self.first_bytes(vocab)]
+        n = int(np.count_nonzero(sel))
+        if n == 0:
             return None
-        if sel.all():
+        if n == len(sel):
             return self
+        if 2 * n >= len(sel):
+            # most of the tokens: levels come from this branch's (cached, shared by every such
+            # restriction) rather than from classifying the subset again for each new start
+            return RestrictedBranch(self, fb, sel)
         return Branch(self.X, self.ids[sel], self.offs[sel])
+
+
+class RestrictedBranch(Branch):
+    """The tokens of branch ``parent`` whose first byte is in ``fb`` (``sel``: which of the
+    parent's). Its level from a start state is the parent's level restricted to those first
+    bytes — a token's first byte is where it starts, whatever its offset — so one
+    classification of the parent serves all its restrictions."""
+
+    __slots__ = ("parent", "fb", "sel", "_ids", "_offs")
+
+    def __init__(self, parent: Branch, fb: np.ndarray, sel: np.ndarray):
+        self.parent, self.fb, self.sel = parent, fb, sel
+        self.X = parent.X
+        self.cache = {}
+        self._nb = None
+        self._fb = None
+        self._ids: np.ndarray | None = None
+        self._offs: np.ndarray | None = None
+
+    @property
+    def ids(self) -> np.ndarray:  # type: ignore[override]
+        if self._ids is None:
+            self._ids = self.parent.ids[self.sel]
+        return self._ids
+
+    @property
+    def offs(self) -> np.ndarray:  # type: ignore[override]
+        if self._offs is None:
+            self._offs = self.parent.offs[self.sel]
+        return self._offs
+
+    def level(self, vocab: "Vocab", start: int) -> "Level":
+        lv = self.cache.get(start)
+        if lv is None:
+            lv = self.cache[start] = vocab.restrict(self.parent.level(vocab, start), self.fb)
+        return lv
+
+    def restrict(self, vocab: "Vocab", fb: np.ndarray) -> "Branch | None":
+        both = self.fb & fb
+        sel = both[self.parent.first_bytes(vocab)]
+        n = int(np.count_nonzero(sel))
+        if n == 0:
+            return None
+        if n == len(self.ids):
+            return self
+        return RestrictedBranch(self.parent, both, sel)
 
 
 class FirstByteBranch(Branch):
