@@ -281,7 +281,7 @@ class LexerStates:
                 # bound holds (the wide ones' are those worth having, when already known)
                 known = [self.term_dd[comps[i][0]][comps[i][1]] for i in wide if comps[i][0] in self.term_dd]
                 if known:
-                    dd = np.max(known, axis=0)
+                    dd = known[0] if len(known) == 1 else np.max(known, axis=0)
             self.table[sid] = row
             if dd is not None:
                 self.dd[sid] = dd
