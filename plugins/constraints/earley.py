@@ -64,13 +64,16 @@ class EarleySet:
 
     __slots__ = ("g", "kwait", "block", "terminals", "accepting", "memo", "uid", "__weakref__")
 
-    def __init__(self, g: "EarleyGrammar", kwait: dict, block: _Block, accepting: bool):
+    def __init__(self, g: "EarleyGrammar", kwait: dict, block: _Block, accepting: bool,
+                 kterms: list[int] | None = None):
         self.g = g
         self.kwait = kwait
         self.block = block
         self.accepting = accepting
-        n_nt = g.n_nt
-        self.terminals: frozenset[int] = block.terminals | frozenset(s for s in kwait if s >= n_nt)
+        if kterms is None:
+            n_nt = g.n_nt
+            kterms = [s for s in kwait if s >= n_nt]
+        self.terminals: frozenset[int] = block.terminals.union(kterms) if kterms else block.terminals
         # transitions (keys: tuples of terminal symbols) and, under int keys, scratch space for
         # the layers above (lexer states, masks): one dict, fewer objects for the cyclic GC
         self.memo: dict = {}
@@ -155,6 +158,7 @@ class EarleyGrammar:
             return None
         kwait: dict[int, list] = {}
         need: set[int] = set()
+        kterms: list[int] = []  # terminals kernel items wait for
         accepting = False
         while todo:
             it = todo.pop()
@@ -177,6 +181,8 @@ class EarleyGrammar:
             lst = kwait.get(s)
             if lst is None:
                 kwait[s] = [it]
+                if s >= n_nt:
+                    kterms.append(s)
             else:
                 lst.append(it)
             if s < n_nt:
@@ -192,7 +198,7 @@ class EarleyGrammar:
         got = self._intern.get(key)
         if got is not None:
             return got
-        new = EarleySet(self, kwait, block, accepting)
+        new = EarleySet(self, kwait, block, accepting, kterms)
         with self._lock:
             if len(self._intern) > self.max_states:
                 # Bound memory: forget the shared table (live sequences keep their own states).
