@@ -180,6 +180,13 @@ class LexerStates:
             r = self.rows[sid] = tuple(self.table[sid].tolist())
         return r
 
+    def table_row(self, sid: int) -> np.ndarray:
+        """State ``sid``'s row of :attr:`table` (built if missing), without the tuple view
+        that :meth:`row` makes for Python-side stepping."""
+        if not self.has_row[sid]:
+            self._build_row(sid)
+        return self.table[sid]
+
     def ensure_rows(self, sids: np.ndarray) -> None:
         missing = sids[~self.has_row[sids]]
         if missing.size:
@@ -381,7 +388,7 @@ class Branch:
                 # a token whose next byte kills the (non-accepting) start state is dead, so
                 # only the others need walking: usually a small part of a big branch
                 row = np.ones(257, np.int32)  # entry 256: the token has no byte left (alive)
-                row[:256] = LEXER.row(start)
+                row[:256] = LEXER.table_row(start)
                 live = row[self.next_bytes(vocab)] != 0
                 ids, offs = ids[live], offs[live]
             lv = self.cache[start] = vocab.classify(start, ids, offs)
@@ -602,7 +609,7 @@ class Vocab:
 
     def _level(self, sid: int) -> Level:
         lex = LEXER
-        row = np.asarray(lex.row(sid))
+        row = lex.table_row(sid)
         viable = row != 0
         branches: list[Branch] = []
         if lex.accepts[sid] and (~viable).any():
@@ -696,7 +703,7 @@ class Vocab:
         from plugins.constraints.native import ptr
 
         lex = LEXER
-        lex.row(start)
+        lex.table_row(start)
         ids = np.ascontiguousarray(ids, np.int64)
         offs = np.ascontiguousarray(offs, np.int64)
         n = len(ids)
@@ -940,7 +947,7 @@ class TokenTrie:
         from plugins.constraints.native import ptr
 
         lex = LEXER
-        lex.row(start)
+        lex.table_row(start)
         first_u8 = np.ascontiguousarray(first, dtype=np.uint8)
         with self._wlock:
             bits, dx, dp, dlo, dhi, stack = self._buffers
@@ -996,7 +1003,7 @@ class TokenTrie:
     def classify_numpy(self, vocab: "Vocab", start: int, first: np.ndarray) -> Level:
         """:meth:`classify` with numpy, one trie level at a time."""
         lex = LEXER
-        lex.row(start)
+        lex.table_row(start)
         b0 = self.byte[0]
         nodes = np.nonzero(first[b0])[0]
         states = lex.table[start, b0[nodes]]
