@@ -230,7 +230,7 @@ class LexerStates:
             self._build_row(sid)
             built += 1
             if limit:
-                for n in np.unique(self.table[sid]).tolist():
+                for n in set(self.table[sid].tolist()):
                     if n and not self.has_row[n]:
                         stack.append(n)
 
