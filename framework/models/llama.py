@@ -54,21 +54,24 @@ def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = No
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-_ONEDNN_OK: bool | None = None
+_ONEDNN_OK: dict[torch.dtype, bool] = {}
 
 
-def _onednn_linear_ok() -> bool:
-    """Whether this torch build has oneDNN's linear op and it agrees with ``F.linear``."""
-    global _ONEDNN_OK
-    if _ONEDNN_OK is None:
+def _onednn_linear_ok(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build has oneDNN's linear op for ``dtype`` on this CPU and it agrees
+    with ``F.linear`` (bf16 needs AVX-512 or AMX: on an AVX2-only CPU oneDNN has no primitive)."""
+    ok = _ONEDNN_OK.get(dtype)
+    if ok is None:
         try:
-            x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
-            _ONEDNN_OK = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
-                _onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5
+            x, w, b = (torch.randn(3, 8).to(dtype), torch.randn(5, 8).to(dtype), torch.randn(5).to(dtype))
+            tol = 1e-5 if dtype == torch.float32 else 5e-2
+            ok = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
+                _onednn_linear(x, w, b).float(), F.linear(x, w, b).float(), atol=tol, rtol=tol
             )
         except (RuntimeError, AttributeError, NotImplementedError):
-            _ONEDNN_OK = False
-    return _ONEDNN_OK
+            ok = False
+        _ONEDNN_OK[dtype] = ok
+    return ok
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +117,7 @@ class LlamaForCausalLM(nn.Module):
         self._ensure_rope(min(cfg.max_position_embeddings, 4096))
         # bf16/fp16 attention on CPU is several times slower than fp32: compute it in fp32 there.
         self.attn_dtype = torch.float32 if self.device.type == "cpu" and dtype != torch.float32 else None
-        use_onednn = self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _onednn_linear_ok()
+        use_onednn = self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _onednn_linear_ok(dtype)
         self.linear = _onednn_linear if use_onednn else F.linear
 
     # ------------------------------------------------------------------------------ rope
