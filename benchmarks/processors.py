@@ -75,7 +75,7 @@ class StepTimer:
         self.steps: list[dict[str, float]] = []
         self.proc_times: dict[str, list[float]] = defaultdict(list)
         self._cur: dict[str, float] = {}
-        self._wrap(engine.runner, "run", "forward")
+        self._wrap(engine.core.executor, "forward", "forward")
         self._wrap(engine.processors, "apply", "chain")
         self._wrap(engine.processors, "on_tokens", "chain")
         self._wrap(engine.sampler, "sample", "sampler")
@@ -90,8 +90,8 @@ class StepTimer:
             t0 = self.clock()
             out = fn(*args, **kwargs)
             self._cur[key] = self._cur.get(key, 0.0) + self.clock() - t0
-            if attr == "run":
-                self._cur["rows"] = len(out[0])
+            if attr == "forward":
+                self._cur["rows"] = len(out.seqs)
                 self._cur["prefill"] = any(n > 1 for _, n in args[0].scheduled)
             if outer:
                 self.steps.append(self._cur)
@@ -131,7 +131,7 @@ def run_once(llm: LLM, params: dict, args, seed: int) -> StepTimer:
     while engine.has_unfinished_requests():
         engine.step()
     # undo the wrappers (instance attributes shadow the class methods)
-    for obj, attr in ((engine.runner, "run"), (engine.processors, "apply"), (engine.processors, "on_tokens"),
+    for obj, attr in ((engine.core.executor, "forward"), (engine.processors, "apply"), (engine.processors, "on_tokens"),
                       (engine.sampler, "sample"), (engine, "step")):
         obj.__dict__.pop(attr, None)
     for proc in engine.processors._instances.values():

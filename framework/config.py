@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -50,6 +50,8 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, description="seed of the engine's generator for requests without their own seed")
     sampler: str = Field("default", description="registered sampler name")
     tokenizer: str | None = Field(None, description="registered tokenizer name; default: detected from the model dir")
+    kv_policy: dict[str, Any] | str | None = Field(
+        None, description="a registered KV policy, {name: {options}} or name (default: keep every block)")
     freeze_gc: bool = Field(
         True,
         description="after loading, move every live object to the garbage collector's permanent generation "

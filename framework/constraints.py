@@ -15,12 +15,13 @@ A request selects at most one registered constraint (``register_constraints``) t
 * **Each step**: this processor runs at :attr:`Stage.CONSTRAINT` (after penalties, bans and
   guidance, before temperature and truncation): it writes each constrained row's allowed-token
   bitmask and masks the logits in one op. After sampling, ``on_tokens`` advances every state.
-* **Jump-forward**: when the grammar allows exactly one token, the engine appends it (and the
-  forced tokens after it) without a forward pass to choose them; they are computed later as a
-  multi-token chunk (see ``LLMEngine._jump_forward``).
-* **Forks and preemption**: a sequence gets its state when it is first due; ``n > 1`` siblings
-  each get their own; a sequence that is preempted (or whose other processors must be rebuilt)
-  is re-added from its tokens, which replays them through a fresh state.
+* **Jump-forward**: when the grammar allows exactly one token, :meth:`ConstraintProcessor.forced_tokens`
+  reports it (and the forced tokens after it); the sampling strategy appends them without a
+  forward pass to choose them (every processor learns them through ``extend``), and they are
+  computed later as a multi-token chunk (``framework/strategies/sample.py``).
+* **Forks, rollback and preemption**: ``n > 1`` siblings and beams get a copy of the parent's
+  state (``fork``); ``rollback(slot, n)`` undoes tokens (speculative decoding); a sequence that
+  is preempted is re-added from its tokens, which replays them through a fresh state.
 
 Third-party constraints only need the protocol in ``framework/hookspecs.py``: a factory
 ``factory(tokenizer, **params)`` returning an object with ``new_state()``; states with
@@ -39,11 +40,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
-from pydantic import ValidationError
 
+from framework.bitmask import apply_token_bitmask_
 from framework.errors import ConstraintError, ConstraintTimeoutError
+from framework.hookspecs import Register, hookimpl
 from framework.processors import ProcessorSetup, RequestInfo, Stage, StepContext
-from framework.sampling_params import SamplingParams, format_validation_error
+from framework.sampling_params import SamplingParams
 
 __all__ = ["ConstraintHandle", "ConstraintProcessor", "PROCESSOR_NAME", "DEFAULT_TIMEOUT_S", "bitmask_apply"]
 
@@ -119,8 +121,6 @@ def spec_of(params: SamplingParams) -> tuple[str, Any] | None:
 def bitmask_apply(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Mask ``logits`` [R, V] in place with the int32 ``bitmask`` [R, W] (bit ``t % 32`` of word
     ``t // 32`` set: token ``t`` allowed; ids past ``32 W`` are disallowed)."""
-    from plugins.constraints.matcher import apply_token_bitmask_  # lazy: plugins import framework
-
     return apply_token_bitmask_(logits, bitmask)
 
 
@@ -139,6 +139,10 @@ class ConstraintProcessor:
         self.states: dict[int, Any] = {}
         self._bitmask: torch.Tensor | None = None
         self._pending: concurrent.futures.Future | None = None  # masks being prefetched
+        self.prefetch_enabled = False  # engine.constraint_prefetch: masks on a worker thread during the forward
+        # on an accelerator the forward runs asynchronously: a mask not known yet is left to be
+        # computed while the next forward runs (jump-forward then only follows masks already known)
+        self.overlap = setup.device.type != "cpu"
 
     # -- prefetching (masks computed while the forward runs) --------------------------------
     def prefetch(self) -> None:
@@ -146,7 +150,7 @@ class ConstraintProcessor:
         (the engine calls it just before the model's forward; states without ``prefetch()``
         are skipped). Every other method first waits for it, so states are never used from
         two threads at a time."""
-        if self._pending is not None or not self.states:
+        if self._pending is not None or not self.states or not self.prefetch_enabled:
             return
         warm = [f for f in (getattr(st, "prefetch", None) for st in self.states.values()) if f is not None]
         if warm:
@@ -200,28 +204,17 @@ class ConstraintProcessor:
         if submit is not None:
             fut = submit(tok, raw)
         else:
-            options = self._validate(name, reg.params, raw)
+            options = self._validate(reg, raw)
             fut = _pool().submit(reg.factory, tok, **options)
         # the compiler enforces its own limit; this one only guards against a compiler that hangs
         return ConstraintHandle(name, raw, fut, time.monotonic() + timeout + 5.0)
 
     @staticmethod
-    def _validate(name: str, model: Any, raw: Any) -> dict[str, Any]:
-        if model is None:
-            if raw is None:
-                return {}
-            if not isinstance(raw, dict):
-                raise ValueError(f"{name}: params must be a mapping")
-            return dict(raw)
-        if not isinstance(raw, dict):
-            short = getattr(model, "__shorthand__", None)
-            if short is None:
-                raise ValueError(f"{name}: params must be a mapping")
-            raw = {short: raw}
-        try:
-            return model.model_validate(raw or {}).model_dump(by_alias=True)
-        except ValidationError as exc:
-            raise ValueError(format_validation_error(exc, f"{name} params")) from None
+    def _validate(reg: Any, raw: Any) -> dict[str, Any]:
+        from framework.plugins import validate_plugin_options
+
+        options = validate_plugin_options(reg, raw)
+        return dict(options) if isinstance(options, dict) else options.model_dump(by_alias=True)
 
     # -- per sequence -----------------------------------------------------------------------
     def add_request(self, slot: int, handle: ConstraintHandle, request: RequestInfo) -> None:
@@ -243,9 +236,43 @@ class ConstraintProcessor:
         self.wait()
         state = self.states[src]
         copy = getattr(state, "copy", None)
-        if copy is None:
+        if copy is None:  # the chain then rebuilds the fork from its tokens
             raise NotImplementedError("constraint state has no copy()")
         self.states[dst] = copy()
+
+    def extend(self, slot: int, tokens: list[int], request: RequestInfo) -> None:
+        """Advance through tokens appended without sampling (forced, accepted drafts)."""
+        self.wait()
+        state = self.states.get(slot)
+        if state is None:
+            return
+        for k, tok in enumerate(tokens):
+            if not state.advance(int(tok)):
+                raise ConstraintError(f"constraint refused appended token {k} (id {tok})")
+
+    def rollback(self, slot: int, n: int) -> None:
+        """Undo the last ``n`` tokens of ``slot``'s state."""
+        self.wait()
+        state = self.states.get(slot)
+        if state is not None:
+            state.rollback(n)
+
+    def forced_tokens(self, slot: int, limit: int) -> tuple[list[int], bool]:
+        """Tokens the grammar alone allows next from ``slot``'s state (not advanced), and whether
+        the output must end now: the grammar is complete and allows nothing, not even an end
+        token (a tokenizer without EOS)."""
+        self.wait()
+        state = self.states.get(slot)
+        if state is None:
+            return [], False
+        if self.overlap:
+            peek = getattr(state, "peek_allowed_mask", None)
+            if peek is not None and peek() is None:
+                return [], False
+        allowed = getattr(state, "allowed_mask", None)
+        if allowed is not None and allowed() == 0:
+            return [], True
+        return state.forced_tokens(limit), False
 
     def state(self, slot: int | None) -> Any | None:
         """The state of ``slot`` (None when the slot has no constraint)."""
@@ -288,3 +315,10 @@ class ConstraintProcessor:
             state = states.get(slot)
             if state is not None:  # None: the sequence finished (and was released) on this token
                 state.advance(int(tok))
+
+
+@hookimpl
+def register_logits_processors(register: Register) -> None:
+    """The core's ``constraint`` processor, which applies any registered constraint's masks;
+    requests select it through their constraint fields."""
+    register(PROCESSOR_NAME, ConstraintProcessor)

@@ -85,10 +85,14 @@ def register_models(register: Register) -> None:
 
     Two kinds of factory are accepted:
 
-    * a ``torch.nn.Module`` subclass implementing ``framework.models.CausalLM``, registered under
-      the Hugging Face ``architectures`` string it serves (e.g. ``"LlamaForCausalLM"``); it is
-      constructed as ``factory(config: framework.models.ModelConfig)`` and must provide
-      ``load_weights(tensors)``;
+    * a ``torch.nn.Module`` subclass implementing the model contract
+      ``framework.models.protocol.CausalLM``, registered under the Hugging Face
+      ``architectures`` string it serves (e.g. ``"LlamaForCausalLM"``). It is constructed as
+      ``factory(config: ModelConfig, dtype=torch.dtype, device=torch.device)`` and provides
+      ``expected_tensors() -> {name: shape}``, ``load_weights(iterable of (name, tensor))``,
+      ``forward(input_ids [T], positions [T], kv_caches, meta: AttentionMetadata) -> hidden [T, H]``
+      (the step's flat tokens; K/V written to and read from the paged cache through ``meta``),
+      ``compute_logits(hidden [N, H]) -> [N, V] float32`` and a ``dtype`` attribute;
     * a zero-argument callable returning a local directory (``pathlib.Path``) holding a Hugging
       Face checkpoint, registered under a short name users can write instead of a path
       (e.g. ``"demo"``).
@@ -162,11 +166,17 @@ def register_constraints(register: Register) -> None:
 
 @hookspec
 def register_rerankers(register: Register) -> None:
-    """Register rerankers that choose among a request's finished candidates.
+    """Register rerankers that choose among a request's finished candidates (MBR,
+    self-consistency, best-of-n ...).
 
-    ``factory(**params)`` returns an object with
-    ``select(request, candidates) -> list[(candidate, score)]`` ordered best first
-    (MBR, self-consistency, best-of-n ...).
+    ``factory(setup: framework.processors.ProcessorSetup)`` is called once per engine, the first
+    time a request names the reranker (``setup.models`` gives companion models, e.g. a reward
+    model); ``params`` is the pydantic model of the per-request options. The object implements
+    ``select(request: framework.rerankers.RerankRequest) -> list[ScoredCandidate]`` (best
+    first; ``request.candidates`` are the finished ``CompletionOutput``s, ``request.options``
+    the validated options) and optionally ``select_many(requests) -> list[list[...]]`` to score
+    every request that finished in the same step at once, and ``prepare(options, sampling) ->
+    options`` for per-request checks (raise ``ValueError``). See ``framework/rerankers.py``.
     """
 
 
@@ -174,8 +184,38 @@ def register_rerankers(register: Register) -> None:
 def register_drafters(register: Register) -> None:
     """Register drafters for speculative decoding.
 
-    ``factory(**params)`` returns an object with ``propose(batch) -> list[list[int]]``, one list
-    of draft tokens per sequence; the engine verifies them with the target model.
+    ``factory(setup: framework.processors.ProcessorSetup, params)`` is called once per engine
+    with the spec's ``drafter:`` options (validated by ``params`` if registered). The object
+    implements ``propose(seqs, num_tokens) -> list[framework.drafting.DraftProposal]`` (draft
+    tokens per sequence and the distribution each was drawn from, or None for a point-mass
+    drafter) and ``accepted(seq, num_accepted)``; a draft model is a *driven* companion
+    (``setup.models.get(ref, lockstep=False)``) with its own paged KV. See
+    ``framework/drafting.py``.
+    """
+
+
+@hookspec
+def register_strategies(register: Register) -> None:
+    """Register decoding strategies: how a request's sequences turn logits into tokens.
+
+    ``factory(core: framework.engine_core.EngineCore)`` is called once per engine. The object
+    implements ``claims(params) -> bool`` (asked in reverse registration order: plugins before
+    the built-in ``beam_search`` and ``sample``), ``prepare(request)``, ``after_forward(rows:
+    DueRows, now) -> requests that progressed``, a ``streams`` flag and optionally
+    ``on_ready``, ``before_schedule(seqs)``, ``on_preempt(seq)``, ``on_draft_dropped(seq)``. It
+    uses the core's services (``core.sample``, ``core.append_sampled``, ``core.fork``,
+    ``core.finish`` ...). See ``framework/strategies/__init__.py``.
+    """
+
+
+@hookspec
+def register_kv_policies(register: Register) -> None:
+    """Register KV policies: which KV blocks a sequence keeps as it grows (attention sinks,
+    sliding windows) and at which cache positions attention and RoPE see them.
+
+    ``factory(**options)`` returns an object implementing ``framework.kv_policy.KVPolicy``
+    (``unbounded`` flag, ``after_compute(kv, pool)``); the engine's ``kv_policy`` setting names
+    one (``{name: {options}}``), one instance per pool.
     """
 
 

@@ -67,11 +67,7 @@ class BlockManager:
     # ------------------------------------------------------------------ allocation
     def _take_free(self) -> int:
         block, _ = self.free.popitem(last=False)
-        h = self.block_hash.pop(block, None)
-        if h is not None:  # evict its cached content
-            if self.hash_to_block.get(h) == block:
-                del self.hash_to_block[h]
-            self.block_tokens.pop(block, None)
+        self._unhash(block)  # evict its cached content
         self.ref_count[block] = 1
         return block
 
@@ -112,9 +108,6 @@ class BlockManager:
             blocks.append(b)
             prev = h
         return blocks
-
-    def can_allocate(self, num_new_blocks: int) -> bool:
-        return num_new_blocks <= len(self.free)
 
     def allocate_prompt(self, table: list[int], token_ids: list[int], use_cache: bool = True) -> int:
         """Start a sequence's block table with its cached prefix; returns tokens served from cache.
@@ -178,6 +171,38 @@ class BlockManager:
                 self.hash_to_block.setdefault(h, b)
             prev = h
         return max(hashed, n_full)
+
+    def truncate(self, table: list[int], num_tokens: int, num_hashed: int) -> int:
+        """Keep only the first ``num_tokens`` tokens of ``table`` (speculative tokens rejected,
+        a rollback): blocks past them are released, and a kept block that is no longer full is
+        taken out of the prefix cache if this table is its only owner (its tail will be
+        overwritten; a shared block keeps its hash, since copy-on-write gives the writer a copy).
+        Returns the new count of hashed blocks for the caller to store (``num_hashed`` capped)."""
+        bs = self.block_size
+        keep = self.blocks_needed(num_tokens)
+        for b in reversed(table[keep:]):
+            self._unref(b)
+        del table[keep:]
+        full = num_tokens // bs
+        if keep > full and self.ref_count[table[-1]] == 1:
+            self._unhash(table[-1])
+        return min(num_hashed, full)
+
+    def _unhash(self, block: int) -> None:
+        h = self.block_hash.pop(block, None)
+        if h is not None:
+            if self.hash_to_block.get(h) == block:
+                del self.hash_to_block[h]
+            self.block_tokens.pop(block, None)
+
+    def release_blocks(self, table: list[int], indices: list[int]) -> None:
+        """Drop the blocks at ``indices`` of ``table`` (a KV policy evicting from the middle);
+        they leave the prefix cache (the hash chain past them no longer describes the table)."""
+        for i in sorted(indices, reverse=True):
+            b = table.pop(i)
+            if self.ref_count[b] == 1:
+                self._unhash(b)
+            self._unref(b)
 
     def fork(self, table: list[int]) -> list[int]:
         """A new table sharing every block of ``table`` (copy-on-write happens on first write)."""

@@ -15,10 +15,13 @@ class LLM:
 
     ``LLM(model, dtype="auto", device="auto", **engine_args)``; engine arguments are the fields
     of :class:`framework.config.EngineConfig` (``max_num_seqs``, ``kv_cache_memory`` ...).
+    ``models={"alias": "name-or-dir"}`` loads companion models now (they share the KV budget);
+    ``drafter={"name": {options}}`` turns on speculative decoding with a registered drafter.
     """
 
-    def __init__(self, model: str, *, skip_tokenizer_init: bool = False, **engine_args: Any):
-        self.engine = LLMEngine(model, skip_tokenizer_init=skip_tokenizer_init, **engine_args)
+    def __init__(self, model: str, *, skip_tokenizer_init: bool = False, models: dict[str, str] | None = None,
+                 drafter: dict[str, Any] | str | None = None, **engine_args: Any):
+        self.engine = LLMEngine(model, skip_tokenizer_init=skip_tokenizer_init, models=models, drafter=drafter, **engine_args)
 
     @property
     def tokenizer(self):

@@ -1,17 +1,59 @@
-"""Runs the model for one scheduled step: builds flat inputs, runs the forward, returns logits."""
+"""Runs one model over a list of items: the flat-batch forward behind every pool of the engine.
+
+The runner knows nothing of sequences or requests. An item is a piece of work on one block
+table: compute ``tokens`` at cache positions ``start ...`` (their K/V are written to the table's
+slots) and return the final hidden states of the positions asked for in ``outputs``. One call
+batches every item of a step (decodes, prefill chunks, several draft tokens of one sequence to
+verify), so asking for outputs at several positions of an item gives the logits of every draft
+position in one forward::
+
+    items = [ForwardItem(table, [t0], start=41, outputs=range(1)),          # a decode
+             ForwardItem(table2, prompt[:64], start=0, outputs=range(0)),   # a prefill chunk
+             ForwardItem(table3, [t, d1, d2, d3], start=90, outputs=range(4))]  # verify 3 drafts
+    hidden = runner.forward(items)          # [1 + 0 + 4, H], in item order
+
+:meth:`ModelRunner.forward_candidates` scores ``K`` alternative next tokens per row over a
+cached prefix without writing anything to the cache (FUDGE, RAD).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from framework.kv_cache import KVCacheStorage
 from framework.models.attention import AttentionMetadata
 from framework.models.config import ModelConfig
-from framework.scheduler import SchedulerOutput
-from framework.sequence import Sequence
+
+
+@dataclass(slots=True)
+class ForwardItem:
+    """Compute ``tokens`` at cache positions ``start, start + 1, ...`` of ``table``.
+
+    ``outputs``: positions (indexes into ``tokens``) whose final hidden states are returned.
+    The item's queries attend to cache positions ``[0, start + len(tokens))``.
+    """
+
+    table: list[int]
+    tokens: list[int]
+    start: int
+    outputs: range
+
+
+@dataclass(slots=True)
+class CandidateItem:
+    """``K`` alternative tokens at cache position ``ctx_len`` after the cached prefix
+    ``[0, ctx_len)`` of ``table``; each sees the prefix and itself, never its siblings."""
+
+    table: list[int]
+    ctx_len: int
+    tokens: list[int]
 
 
 class ModelRunner:
+    """Builds flat inputs and attention metadata for a model and its KV storage."""
+
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, kv: KVCacheStorage, block_size: int, device: torch.device):
         self.model = model
         self.cfg = cfg
@@ -19,12 +61,13 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.group = cfg.num_attention_heads // cfg.num_key_value_heads
+        self._sliding_window = cfg.sliding_window
 
     @torch.inference_mode()
-    def run(self, sched: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Compute the scheduled tokens. Returns the sequences whose next token is due (their
-        computed tokens reached the end of their known tokens) and their logits ``[S, V]``."""
-        self.kv.copy_blocks(sched.block_copies)
+    def forward(self, items: list[ForwardItem], block_copies: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Run every item in one forward; returns ``[sum(len(item.outputs)), H]`` hidden states."""
+        if block_copies:
+            self.kv.copy_blocks(block_copies)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -32,58 +75,40 @@ class ModelRunner:
         q_lens: list[int] = []
         ctx_lens: list[int] = []
         tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
-        prompt_lp: list[tuple[Sequence, int, int, int]] = []  # (seq, first row, first position, last position + 1)
+        out_rows: list[int] = []
         offset = 0
-        for seq, n in sched.scheduled:
-            start = seq.num_computed_tokens
-            end = start + n
-            plp = seq.request.prompt_logprobs
-            if plp is not None and len(plp) < seq.num_prompt_tokens and start < seq.num_prompt_tokens - 1:
-                prompt_lp.append((seq, offset, start, min(end, seq.num_prompt_tokens - 1)))
-            input_ids.extend(seq.token_ids[start:end])
+        for it in items:
+            n = len(it.tokens)
+            start, end = it.start, it.start + n
+            table = it.table
+            input_ids.extend(it.tokens)
             positions.extend(range(start, end))
-            table = seq.block_table
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             q_lens.append(n)
             ctx_lens.append(end)
             tables.append(table)
+            out_rows.extend(range(offset + it.outputs.start, offset + it.outputs.stop))
             offset += n
-            if end == seq.num_tokens:
-                sample_rows.append(offset - 1)
-                sample_seqs.append(seq)
-        meta = AttentionMetadata.build(
-            q_lens, ctx_lens, tables, slot_mapping, self.group, bs, self.cfg.sliding_window
-        ).to(self.device)
+        meta = AttentionMetadata.build(q_lens, ctx_lens, tables, slot_mapping, self.group, bs, self._sliding_window).to(self.device)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids_t, pos_t, self.kv.layers, meta)
-        for seq, row, first, last in prompt_lp:
-            self._prompt_logprobs(seq, hidden[row : row + last - first], first)
-        if not sample_rows:
-            return [], None
-        rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[torch.tensor(sample_rows, device=self.device)]
-        return sample_seqs, self.model.compute_logits(rows)
+        if len(out_rows) == hidden.shape[0]:
+            return hidden
+        return hidden.index_select(0, torch.tensor(out_rows, dtype=torch.long, device=self.device))
 
-    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, first: int) -> None:
-        """Append the logprobs of prompt tokens ``first + 1 ...`` (predicted by the hidden states of
-        positions ``first ...``) to the request's ``prompt_logprobs``, skipping any it already has
-        (a recomputed sequence), with the request's top-N alternatives."""
-        req = seq.request
-        plp = req.prompt_logprobs
-        assert plp is not None
-        k = req.params.prompt_logprobs or 0
-        lp = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
-        targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + hidden.shape[0]], device=lp.device)
-        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
-        top_v, top_i = (lp.topk(k, dim=-1) if k else (None, None))
-        tl = targets.tolist()
-        for r in range(hidden.shape[0]):
-            if first + 1 + r != len(plp):
-                continue  # already recorded before a preemption
-            entry = {tl[r]: chosen[r]}
-            if top_i is not None:
-                for t, v in zip(top_i[r].tolist(), top_v[r].tolist()):
-                    entry.setdefault(t, v)
-            plp.append(entry)
+    @torch.inference_mode()
+    def forward_candidates(self, items: list[CandidateItem]) -> torch.Tensor:
+        """Hidden states ``[sum(K_i), H]`` of every candidate token (item order, then candidate
+        order). Nothing is written to the cache."""
+        k = len(items[0].tokens)
+        if any(len(it.tokens) != k for it in items):  # ragged: one call per distinct K
+            return torch.cat([self.forward_candidates([it]) for it in items])
+        ids = [t for it in items for t in it.tokens]
+        positions = [it.ctx_len for it in items for _ in it.tokens]
+        meta = AttentionMetadata.build_candidates(
+            [it.ctx_len for it in items], [it.table for it in items], k, self.group, self.block_size, self._sliding_window
+        ).to(self.device)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return self.model(ids_t, pos_t, self.kv.layers, meta)

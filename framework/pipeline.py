@@ -27,7 +27,8 @@ class Pipeline:
         self.default_params = loaded.sampling_params()  # fail before the model loads
         engine_args = self.spec.engine.model_dump(exclude_unset=True)
         engine_args.update(engine_overrides)
-        self.llm = LLM(loaded.model_path, **engine_args)
+        drafter = None if loaded.drafter is None else {loaded.drafter.name: loaded.drafter.options}
+        self.llm = LLM(loaded.model_path, models=loaded.models, drafter=drafter, **engine_args)
 
     @property
     def engine(self):

@@ -39,6 +39,8 @@ KINDS: dict[str, str] = {
     "constraint": "register_constraints",
     "reranker": "register_rerankers",
     "drafter": "register_drafters",
+    "strategy": "register_strategies",
+    "kv_policy": "register_kv_policies",
     "command": "register_commands",
     "route": "register_routes",
 }
@@ -47,8 +49,13 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.tokenizers",
     "framework.models",
     "framework.demo",
+    "framework.strategies",
+    "framework.kv_policy",
     "plugins.samplers",
+    "framework.constraints",
     "plugins.constraints",
+    "plugins.rerankers",
+    "plugins.drafters",
 )
 
 
@@ -100,6 +107,37 @@ def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else f" (registered: {', '.join(sorted(known)) or 'none'})"
     return f"unknown {kind.replace('_', ' ')} {name!r}{hint}"
+
+
+def validate_plugin_options(reg: Registration, raw: Any, what: str | None = None, context: dict | None = None) -> Any:
+    """A plugin's options validated against the pydantic ``params`` model it registered.
+
+    ``raw`` is a mapping of options, ``None`` (defaults), or — when the model names a
+    ``__shorthand__`` field — a bare value for that field (``{"regex": "[0-9]+"}``). Returns the
+    model instance (or the raw mapping when the plugin registered no model). Raises
+    ``ValueError`` with every problem, prefixed by ``what`` (default: the plugin's name).
+    """
+    from pydantic import ValidationError
+
+    from framework.sampling_params import format_validation_error
+
+    what = what or f"{reg.name} params"
+    model = reg.params
+    if model is None:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{what}: options must be a mapping")
+        return raw
+    if raw is not None and not isinstance(raw, dict):
+        short = getattr(model, "__shorthand__", None)
+        if short is None:
+            raise ValueError(f"{what}: options must be a mapping")
+        raw = {short: raw}
+    try:
+        return model.model_validate(raw or {}, context=context)
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, what)) from None
 
 
 class PluginManager:

@@ -1,4 +1,4 @@
-"""Batch-level logits processors: the protocol, slot bookkeeping and the per-step chain.
+"""Batch-level logits processors: the protocol a processor implements and what it is handed.
 
 A logits processor is built once per engine and serves every request that uses it. Each running
 sequence that uses at least one processor holds a *slot* (a small integer, reused after the
@@ -7,40 +7,43 @@ tensor op per step serves all of their rows, however the batch changes around th
 
     proc = factory(setup)                         # once per engine, on first use
     params = proc.prepare(params, sampling)       # optional: per-request checks (tokenize, vocab)
+    models = proc.companions(params)              # optional: companion models the request needs
     proc.add_request(slot, params, request)       # the sequence starts running (or resumes)
     logits = proc.apply(logits, ctx)              # every step: only this processor's rows
     proc.on_tokens(ctx, tokens)                   # optional: the tokens just sampled
+    proc.extend(slot, tokens, request)            # optional: tokens appended without sampling
+    proc.rollback(slot, n)                        # optional: forget the last n tokens
     proc.fork(src_slot, dst_slot)                 # optional: copy state to a forked sequence
     proc.remove(slot)                             # finished, aborted or preempted
 
-:class:`ProcessorChain` does the bookkeeping for the engine: it resolves a request's processors
-when the request is added (so a bad parameter is an :class:`InvalidRequestError` before any
-engine state changes), gives sequences slots when they are first due, hands each processor
-exactly the rows that use it (rows that do not are never touched), and releases slots when a
-sequence finishes, is aborted or is preempted (a preempted sequence is re-added from its tokens
-when it resumes, so it continues exactly as before).
+The engine's :class:`~framework.processor_chain.ProcessorChain` does the bookkeeping: it
+resolves a request's processors when the request is added (a bad parameter is an
+:class:`InvalidRequestError` before any engine state changes), gives sequences slots, hands each
+processor exactly the rows that use it, and releases slots when a sequence finishes, is aborted
+or is preempted (a preempted sequence is re-added from its tokens when it resumes, so it
+continues exactly as before). Optional methods have exact fallbacks: without ``extend`` the chain
+replays the tokens through ``on_tokens`` one at a time; without ``rollback`` or ``fork`` it
+rebuilds the slot from the sequence's tokens with ``add_request``.
 
-Processors run in a fixed global order so that a request's output never depends on the batch
-it shares: by :class:`Stage`, then by registration order. The built-ins follow Hugging Face
-transformers' order (see ``plugins/samplers/__init__.py``).
+Processors run in a fixed order so that a request's output never depends on the batch it
+shares: by :class:`Stage`; within ``GUIDANCE``, in the order the request lists them in
+``SamplingParams.processors`` (so guidance can be composed explicitly); otherwise by
+registration order. The built-ins follow Hugging Face transformers' order (see
+``plugins/samplers/__init__.py``).
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import torch
-from pydantic import ValidationError
 
-from framework.errors import InvalidRequestError
-from framework.plugins import unknown_name_message
-from framework.sampling_params import SamplingParams, format_validation_error
+from framework.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
-    from framework.plugins import Registry
+    from framework.companions import Companion, ModelSet
     from framework.sequence import Sequence as Seq
 
 
@@ -65,6 +68,9 @@ class ProcessorSetup:
     device: torch.device  # where the logits (and the processor's state) live
     eos_token_ids: frozenset[int]
     tokenizer: Any | None = None  # framework.tokenizer.Tokenizer, None with skip_tokenizer_init
+    # companion models by alias, registered name or directory: ``models.get("demo-sentiment")``
+    # (framework/companions.py); None outside an engine
+    models: "ModelSet | None" = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +92,12 @@ class StepContext:
     ``shared`` is scratch space common to all processors of one step (cleared every step), where
     a processor may leave something for the next ones, e.g. a compact form of the logits it
     returned (check that the logits you get are the tensor it describes).
+
+    ``seqs`` are the engine's sequences behind the rows (what companion models need to find a
+    row's KV: pass the context to :class:`~framework.companions.Companion` methods rather than
+    reading them). ``offsets`` is set when one step processes several positions of a sequence
+    (draft tokens being verified): row ``r`` holds the logits after ``offsets[r]`` draft tokens,
+    which ``token_ids[r]`` then includes. None: every row is at its sequence's next token.
     """
 
     slots: list[int]  # [R] slot of each row
@@ -94,12 +106,15 @@ class StepContext:
     num_prompt_tokens: list[int]  # [R]
     cache: dict[Any, Any] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
+    seqs: list[Any] = field(default_factory=list)  # [R] framework.sequence.Sequence
+    offsets: list[int] | None = None
 
     @classmethod
     def build(cls, slots: list[int], token_ids: list[Sequence[int]], num_prompt_tokens: list[int],
-              device: torch.device | str = "cpu", shared: dict[str, Any] | None = None) -> "StepContext":
+              device: torch.device | str = "cpu", shared: dict[str, Any] | None = None,
+              seqs: list[Any] | None = None) -> "StepContext":
         return cls(slots, torch.tensor(slots, dtype=torch.int64, device=device), token_ids, num_prompt_tokens,
-                   shared={} if shared is None else shared)
+                   shared={} if shared is None else shared, seqs=list(seqs or []))
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -114,11 +129,23 @@ class LogitsProcessor(Protocol):
 
     ``apply`` gets only the rows of sequences that use this processor, as a tensor it may modify
     in place, and returns the processed logits (the same tensor or a new one of the same shape).
-    Optional methods: ``prepare(params, sampling) -> params`` (per-request validation needing
-    the model or tokenizer; raise ``ValueError`` with a clear message), ``on_tokens(ctx,
-    tokens)`` and ``fork(src_slot, dst_slot)`` (without it, a fork is added from its tokens).
-    An optional ``stage`` attribute places the processor in the chain (default
-    ``Stage.GUIDANCE``).
+
+    Optional methods:
+
+    * ``prepare(params, sampling) -> params``: per-request validation needing the model, the
+      tokenizer or a companion; raise ``ValueError`` with a clear message;
+    * ``companions(params) -> Sequence[Companion]``: companion models (``setup.models.get(...)``)
+      that must run in lockstep for this request, with their own KV cache;
+    * ``on_tokens(ctx, tokens [R])``: the tokens just sampled for the rows of ``ctx``
+      (``ctx.token_ids`` do not include them yet);
+    * ``extend(slot, tokens, request)``: tokens appended without sampling (forced by a grammar,
+      accepted drafts); ``request.token_ids`` is the history before them;
+    * ``rollback(slot, n)``: forget the last ``n`` tokens this slot was advanced by;
+    * ``fork(src_slot, dst_slot)``: copy state to a forked sequence (``n > 1``, beams);
+    * ``forced_tokens(slot, limit) -> (tokens, end)``: tokens the processor alone allows next
+      (appended without a forward pass choosing them), and whether the sequence must end now;
+    * ``prefetch()`` / ``wait()``: start work for the next step on another thread / wait for it;
+    * a ``stage`` attribute placing the processor in the chain (default ``Stage.GUIDANCE``).
     """
 
     def add_request(self, slot: int, params: Any, request: RequestInfo) -> None: ...
@@ -130,10 +157,14 @@ class LogitsProcessor(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ProcessorUse:
-    """One processor a request uses, with its validated per-request parameters."""
+    """One processor a request uses, with its validated per-request parameters.
+
+    ``order`` is the processor's position among the request's explicitly listed ``GUIDANCE``
+    processors (0 for every other processor): it orders guidance per request."""
 
     name: str
     params: Any
+    order: int = 0
 
 
 class SlotTensor:
@@ -158,226 +189,4 @@ class SlotTensor:
         return self.data
 
 
-# ------------------------------------------------------------------------------------ chain
-
-
-@dataclass(slots=True)
-class _PlanStep:
-    proc: Any
-    ctx: StepContext
-    on_tokens: Any  # bound method or None
-
-
-@dataclass(slots=True)
-class _PlanGroup:
-    """Consecutive processors serving the same rows: gathered and written back once."""
-
-    rows: torch.Tensor | None  # None: every row of the batch
-    steps: list[_PlanStep]
-
-
-@dataclass(slots=True)
-class StepPlan:
-    """Which processor serves which rows, for one batch composition."""
-
-    key: tuple[int | None, ...]
-    version: int
-    groups: list[_PlanGroup]
-    shared: dict[str, Any]
-
-
-class ProcessorChain:
-    """The engine's logits-processor stage over one registry of processors."""
-
-    def __init__(self, registry: "Registry", setup: ProcessorSetup):
-        self.registry = registry
-        self.setup = setup
-        self._instances: dict[str, Any] = {}
-        self._rank: dict[str, tuple[int, int]] = {}
-        self._users: dict[str, set[int]] = {}  # processor name -> slots using it
-        self._free: list[int] = []  # heap of released slots (lowest reused first)
-        self._next_slot = 0
-        self._version = 0  # bumped whenever a slot is taken or released
-        self._plan: StepPlan | None = None
-        self._buffer: torch.Tensor | None = None
-
-    # -- per request --------------------------------------------------------------------------
-    def instance(self, name: str) -> Any:
-        """The engine's processor registered as ``name`` (built on first use)."""
-        proc = self._instances.get(name)
-        if proc is None:
-            reg = self.registry.get(name)
-            proc = reg.factory(self.setup)
-            index = list(self.registry.entries).index(name)
-            self._rank[name] = (int(getattr(proc, "stage", Stage.GUIDANCE)), index)
-            self._instances[name] = proc
-            self._users[name] = set()
-        return proc
-
-    def resolve(self, params: SamplingParams) -> tuple[ProcessorUse, ...]:
-        """The processors a request uses, validated; raises InvalidRequestError.
-
-        SamplingParams fields map onto registered processors through each factory's
-        ``from_sampling_params(params) -> Params | None``; ``params.processors`` names more
-        (``[{"repetition_penalty": {"penalty": 1.1}}]``). A processor may appear once.
-        """
-        uses: dict[str, Any] = {}
-        for reg in self.registry:
-            derive = getattr(reg.factory, "from_sampling_params", None)
-            if derive is not None:
-                p = derive(params)
-                if p is not None:
-                    uses[reg.name] = p
-        for entry in params.processors:
-            (name, options), = entry.items()
-            if name not in self.registry:
-                raise InvalidRequestError(unknown_name_message("logits_processor", name, self.registry.names()))
-            if name in uses:
-                raise InvalidRequestError(f"processor {name!r} is set twice (by a sampling field, or twice in processors)")
-            model = self.registry.get(name).params
-            if model is not None:
-                try:
-                    options = model(**(options or {}))
-                except ValidationError as exc:
-                    raise InvalidRequestError(format_validation_error(exc, f"{name} params")) from None
-            uses[name] = options
-        resolved = []
-        for name, p in uses.items():
-            proc = self.instance(name)
-            prepare = getattr(proc, "prepare", None)
-            if prepare is not None:
-                try:
-                    p = prepare(p, params)
-                except InvalidRequestError:
-                    raise
-                except (ValueError, TypeError) as exc:
-                    raise InvalidRequestError(f"{name}: {exc}") from None
-            resolved.append(ProcessorUse(name, p))
-        resolved.sort(key=lambda u: self._rank[u.name])
-        return tuple(resolved)
-
-    def order(self) -> list[str]:
-        """Names of the processors built so far, in the order they run."""
-        return sorted(self._instances, key=self._rank.__getitem__)
-
-    # -- per sequence -------------------------------------------------------------------------
-    def _take_slot(self) -> int:
-        self._version += 1
-        if self._free:
-            return heapq.heappop(self._free)
-        self._next_slot += 1
-        return self._next_slot - 1
-
-    def admit(self, seq: "Seq") -> None:
-        """Give a sequence that uses processors a slot and register it with each of them."""
-        if seq.slot is not None or not seq.request.processors:
-            return
-        slot = self._take_slot()
-        info = RequestInfo(seq.token_ids, seq.num_prompt_tokens, seq.request.params)
-        for use in seq.request.processors:
-            self._instances[use.name].add_request(slot, use.params, info)
-            self._users[use.name].add(slot)
-        seq.slot = slot
-
-    def fork(self, parent: "Seq", child: "Seq") -> None:
-        """Give ``child`` (same request, same tokens as ``parent``) a copy of the parent's state."""
-        if parent.slot is None or child.slot is not None:
-            return  # a sequence without a slot is admitted from its own tokens when first due
-        slot = self._take_slot()
-        info = RequestInfo(child.token_ids, child.num_prompt_tokens, child.request.params)
-        for use in child.request.processors:
-            proc = self._instances[use.name]
-            fork = getattr(proc, "fork", None)
-            if fork is not None:
-                fork(parent.slot, slot)
-            else:
-                proc.add_request(slot, use.params, info)
-            self._users[use.name].add(slot)
-        child.slot = slot
-
-    def release(self, seq: "Seq") -> None:
-        """Drop a sequence's processor state (finished, aborted or preempted)."""
-        slot = seq.slot
-        if slot is None:
-            return
-        for use in seq.request.processors:
-            self._instances[use.name].remove(slot)
-            self._users[use.name].discard(slot)
-        seq.slot = None
-        heapq.heappush(self._free, slot)
-        self._version += 1
-
-    @property
-    def num_slots_in_use(self) -> int:
-        return self._next_slot - len(self._free)
-
-    # -- per step -----------------------------------------------------------------------------
-    def _build_plan(self, seqs: list["Seq"], key: tuple[int | None, ...], device: torch.device) -> StepPlan:
-        shared: dict[str, Any] = {}
-        groups: list[_PlanGroup] = []
-        last_rows: list[int] | None = None
-        for name in self.order():
-            users = self._users[name]
-            if not users:
-                continue
-            rows = [i for i, s in enumerate(key) if s is not None and s in users]
-            if not rows:
-                continue
-            ctx = StepContext.build(
-                [key[i] for i in rows], [seqs[i].token_ids for i in rows],  # type: ignore[misc]
-                [seqs[i].num_prompt_tokens for i in rows], device, shared,
-            )
-            proc = self._instances[name]
-            step = _PlanStep(proc, ctx, getattr(proc, "on_tokens", None))
-            if rows == last_rows:
-                groups[-1].steps.append(step)
-                continue
-            rows_t = None if len(rows) == len(key) else torch.tensor(rows, dtype=torch.int64, device=device)
-            groups.append(_PlanGroup(rows_t, [step]))
-            last_rows = rows
-        return StepPlan(key, self._version, groups, shared)
-
-    def apply(self, seqs: list["Seq"], logits: torch.Tensor) -> tuple[torch.Tensor, StepPlan | None]:
-        """Process ``logits`` [S, V] (row i belongs to ``seqs[i]``). Returns the processed logits
-        (``logits`` itself, untouched, when no row uses a processor; otherwise a tensor valid
-        until the next call) and the plan to hand to :meth:`on_tokens` after sampling."""
-        for seq in seqs:
-            if seq.slot is None and seq.request.processors:
-                self.admit(seq)
-        key = tuple(seq.slot for seq in seqs)
-        plan = self._plan
-        if plan is None or plan.key != key or plan.version != self._version:
-            plan = self._plan = self._build_plan(seqs, key, logits.device)
-        if not plan.groups:
-            return logits, None
-        plan.shared.clear()
-        out = self._copy(logits)  # the model's logits stay intact (the sampler's logprobs use them)
-        for group in plan.groups:
-            sub = out if group.rows is None else out.index_select(0, group.rows)
-            for step in group.steps:
-                sub = step.proc.apply(sub, step.ctx)
-            if group.rows is None:
-                out = sub
-            else:
-                out.index_copy_(0, group.rows, sub)
-        return out, plan
-
-    def _copy(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` copied into a buffer reused from step to step (fresh multi-megabyte
-        allocations cost page faults every step on CPU). Valid until the next :meth:`apply`."""
-        S, V = logits.shape
-        buf = self._buffer
-        if buf is None or buf.shape[0] < S or buf.shape[1] != V or buf.dtype != logits.dtype or buf.device != logits.device:
-            buf = self._buffer = torch.empty((max(S, 2 * (buf.shape[0] if buf is not None else 0)), V),
-                                             dtype=logits.dtype, device=logits.device)
-        return buf[:S].copy_(logits)
-
-    def on_tokens(self, plan: StepPlan | None, tokens: torch.Tensor) -> None:
-        """Tell the processors of ``plan`` which tokens were sampled (tokens: [S])."""
-        if plan is None:
-            return
-        for group in plan.groups:
-            sub = tokens if group.rows is None else tokens.index_select(0, group.rows)
-            for step in group.steps:
-                if step.on_tokens is not None:
-                    step.on_tokens(step.ctx, sub)
+from framework.processor_chain import ProcessorChain, StepPlan  # noqa: E402  (re-exported)

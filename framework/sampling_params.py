@@ -101,6 +101,9 @@ class SamplingParams(BaseModel):
     choice: list[str] | None = Field(None, description="output is exactly one of these strings")
     constraint: dict[str, Any] | None = Field(
         None, description="any registered constraint: {name: params} (e.g. {gbnf: 'root ::= ...'})")
+    reranker: dict[str, Any] | str | None = Field(
+        None, description="a registered reranker choosing the n outputs among the num_samples candidates: "
+        "{name: {options}} or name (best_of > n without one: 'logprob')")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -171,6 +174,8 @@ class SamplingParams(BaseModel):
         elif self.num_return_sequences not in (None, 1):
             raise ValueError("num_return_sequences > 1 needs beam search (num_beams > 1); use n for samples")
         self._check_constraint()
+        if isinstance(self.reranker, dict) and len(self.reranker) != 1:
+            raise ValueError(f"reranker names one registered reranker: {{name: options}}, got {sorted(self.reranker)}")
         return self
 
     def _check_constraint(self) -> None:
@@ -211,6 +216,10 @@ class SamplingParams(BaseModel):
             raise ValueError(f"beam search is deterministic: {', '.join(bad)} cannot be used with num_beams > 1")
         if self.stop:
             raise ValueError("stop strings are not supported with beam search (use stop_token_ids)")
+        if any(getattr(self, f) is not None for f in CONSTRAINT_FIELDS):
+            raise ValueError("constrained decoding cannot be combined with beam search (num_beams > 1)")
+        if self.reranker is not None:
+            raise ValueError("a reranker cannot be combined with beam search (beams come back best first)")
         if self.logprobs is not None:
             raise ValueError("logprobs are not returned by beam search (each output carries its score)")
 

@@ -8,6 +8,12 @@ continues next step. When a running sequence needs a block and none is free, the
 admitted sequence is preempted: its blocks are freed and it goes back to the head of the
 waiting queue to be recomputed later (its generated tokens are kept, so its output does not
 change). With prefix caching on, recomputation reuses whatever blocks are still cached.
+
+A sequence holds blocks in every pool its request uses (the main model's and each lockstep
+companion's, ``framework/companions.py``): the scheduler reserves them together, preempts and
+frees them together. The token budget counts the main model's tokens. Draft tokens
+(``Sequence.draft``, speculative decoding) are scheduled with the sequence or not at all: when
+they do not fit the budget they are dropped (``SchedulerOutput.drafts_dropped``).
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from framework.sequence import Sequence, SeqStatus
 @dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to compute)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) blocks
+    block_copies: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # pool index -> CoW (src, dst) blocks
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     preempted: list[Sequence] = field(default_factory=list)
+    drafts_dropped: list[Sequence] = field(default_factory=list)  # drafts that did not fit this step
 
     @property
     def empty(self) -> bool:
@@ -59,12 +66,17 @@ class Scheduler:
         self.running.append(seq)
 
     def remove(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence and free its blocks."""
+        """Drop a finished or aborted sequence and free its blocks (in every pool)."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.bm.free_table(seq.block_table)
+        self.free_blocks(seq)
+
+    @staticmethod
+    def free_blocks(seq: Sequence) -> None:
+        for pool, kv in zip(seq.request.pools, seq.kv):
+            pool.free(kv)
 
     @property
     def has_work(self) -> bool:
@@ -72,23 +84,38 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
-        """Blocks (and private copies of shared ones) for computing ``n`` more tokens of ``seq``."""
-        start = seq.num_computed_tokens
-        copies = self.bm.copy_on_write(seq.block_table, start, start + n)
-        if copies is None:
-            return False
-        out.block_copies.extend(copies)
-        return self.bm.ensure_slots(seq.block_table, start + n)
+        """Blocks (and private copies of shared ones) for computing ``n`` more tokens of ``seq``
+        in every lockstep pool of its request."""
+        end = seq.num_computed_tokens + n
+        for pool, kv in zip(seq.request.pools, seq.kv):
+            if not pool.lockstep:
+                continue
+            lo, hi = kv.num_computed - kv.num_evicted, end - kv.num_evicted
+            if hi <= lo:
+                continue
+            copies = pool.bm.copy_on_write(kv.table, lo, hi)
+            if copies is None:
+                return False
+            if copies:
+                out.block_copies.setdefault(pool.index, []).extend(copies)
+            if not pool.bm.ensure_slots(kv.table, hi):
+                return False
+        return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.bm.free_table(seq.block_table)
-        seq.num_computed_tokens = 0
-        seq.num_hashed_blocks = 0
+        self.free_blocks(seq)
+        seq.draft.clear()
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
         self.num_preemptions += 1
+
+    @staticmethod
+    def _fits(bm: BlockManager, cached: list[int], num_tokens: int) -> bool:
+        need = bm.blocks_needed(num_tokens) - len(cached)
+        revived = sum(1 for b in cached if bm.ref_count[b] == 0)  # cached blocks sitting in the free list
+        return max(0, need) + revived <= bm.num_free_blocks
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -98,7 +125,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.draft and seq.num_scheduled_target - seq.num_computed_tokens > budget:
+                seq.draft.clear()  # drafts run whole or not at all
+                out.drafts_dropped.append(seq)
+            n = min(seq.num_scheduled_target - seq.num_computed_tokens, budget)
             if n == 0:  # parked: its next token waits on others (a beam waiting for its siblings)
                 i += 1
                 continue
@@ -127,8 +157,9 @@ class Scheduler:
             seq = self.waiting[0]
             plp = seq.request.prompt_logprobs  # prompt logprobs need every prompt position computed
             use_cache = plp is None or len(plp) >= seq.num_prompt_tokens
-            cached = self.bm.match_prefix(seq.token_ids, use_cache)
-            num_cached = len(cached) * self.bm.block_size
+            pools = [(p, kv) for p, kv in zip(seq.request.pools, seq.kv) if p.lockstep]
+            cached = [p.bm.match_prefix(seq.token_ids, use_cache) for p, _ in pools]
+            num_cached = len(cached[0]) * self.bm.block_size
             n = seq.num_tokens - num_cached
             if n > budget:
                 # without chunked prefill a prompt runs whole; a preempted sequence's recompute
@@ -136,16 +167,15 @@ class Scheduler:
                 if not self.chunked and seq.num_output_tokens == 0:
                     break
                 n = budget
-            need = self.bm.blocks_needed(num_cached + n) - len(cached)
-            revived = sum(1 for b in cached if self.bm.ref_count[b] == 0)  # cached blocks sitting in the free list
-            if need + revived > self.bm.num_free_blocks:
+            if not all(self._fits(p.bm, c, num_cached + n) for (p, _), c in zip(pools, cached)):
                 break
             self.waiting.popleft()
-            got = self.bm.allocate_prompt(seq.block_table, seq.token_ids, use_cache)
-            assert got == num_cached
-            seq.num_computed_tokens = num_cached
-            ok = self.bm.ensure_slots(seq.block_table, num_cached + n)
-            assert ok
+            for (p, kv), c in zip(pools, cached):
+                got = p.bm.allocate_prompt(kv.table, seq.token_ids, use_cache)
+                assert got == len(c) * p.bm.block_size
+                kv.num_computed = got
+                ok = p.bm.ensure_slots(kv.table, max(got, num_cached + n))
+                assert ok
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append((seq, n))

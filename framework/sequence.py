@@ -2,13 +2,16 @@
 
 A :class:`Request` is what a user submitted; it owns one :class:`Sequence` per completion
 (``n`` of them after its prompt is prefilled: they fork from the first and share its KV blocks).
+
+A sequence holds KV blocks in one or more *pools*: the main model's (``kv[0]``) and one per
+companion model its request uses (``framework/companions.py``), each a :class:`SeqKV`.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,8 +19,10 @@ from framework.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from framework.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
-    from framework.beam_search import BeamSearch
+    from framework.companions import ModelPool
     from framework.processors import ProcessorUse
+    from framework.rerankers import RerankerUse
+    from framework.strategies import DecodingStrategy
     from framework.tokenizer import IncrementalDetokenizer
 
 
@@ -25,6 +30,30 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class SeqKV:
+    """A sequence's blocks in one model's KV pool.
+
+    Token ``i`` of the sequence lives at *cache position* ``i`` — or ``i - num_evicted`` once a KV
+    policy has dropped ``num_evicted`` tokens from the middle (attention sinks): then RoPE and
+    attention see cache positions, as in StreamingLLM. Its slot is
+    ``table[p // block_size] * block_size + p % block_size`` for cache position ``p``.
+    """
+
+    table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens (from the start of the sequence) whose KV is in the pool
+    num_hashed: int = 0  # leading full blocks registered in the pool's prefix cache
+    num_evicted: int = 0  # tokens dropped from the middle by the KV policy
+
+    def cache_len(self) -> int:
+        """Cache positions in use (computed tokens still held)."""
+        return self.num_computed - self.num_evicted
+
+    def reset(self) -> None:
+        self.table.clear()
+        self.num_computed = self.num_hashed = self.num_evicted = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -38,9 +67,8 @@ class Sequence:
     num_prompt_tokens: int
     generator: torch.Generator | None
     detok: "IncrementalDetokenizer | None" = None
-    num_computed_tokens: int = 0
-    num_hashed_blocks: int = 0
-    block_table: list[int] = field(default_factory=list)
+    kv: list[SeqKV] = field(default_factory=lambda: [SeqKV()])  # per pool of request.pools; kv[0]: main model
+    draft: list[int] = field(default_factory=list)  # provisional tokens (speculative) computed after token_ids
     status: SeqStatus = SeqStatus.WAITING
     text: str = ""
     streamed_len: int = 0  # characters of `text` already handed to a streaming consumer
@@ -49,11 +77,30 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     slot: int | None = None  # logits-processor slot while running (framework.processors)
-    score: float | None = None  # beam search: the finished hypothesis' length-normalised score
+    score: float | None = None  # beam score or reranker score
 
+    # -- the main model's KV (most code only needs this one) -----------------------------------
+    @property
+    def block_table(self) -> list[int]:
+        return self.kv[0].table
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return self.kv[0].num_computed
+
+    @num_computed_tokens.setter
+    def num_computed_tokens(self, value: int) -> None:
+        self.kv[0].num_computed = value
+
+    # -- tokens ----------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_scheduled_target(self) -> int:
+        """Tokens whose KV the next forward must hold: the known tokens plus any draft."""
+        return len(self.token_ids) + len(self.draft)
 
     @property
     def num_output_tokens(self) -> int:
@@ -62,6 +109,18 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    def token_at(self, i: int) -> int:
+        """Token ``i`` of prompt + output + draft."""
+        n = len(self.token_ids)
+        return self.token_ids[i] if i < n else self.draft[i - n]
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of prompt + output + draft."""
+        n = len(self.token_ids)
+        if end <= n:
+            return self.token_ids[start:end]
+        return self.token_ids[start:] + self.draft[max(0, start - n) : end - n]
 
     @property
     def finished(self) -> bool:
@@ -82,7 +141,7 @@ class Sequence:
 
 @dataclass(slots=True, eq=False)
 class Request:
-    """A submitted prompt with its parameters, completions and metrics."""
+    """A submitted prompt with its parameters, plugin stack, completions and metrics."""
 
     request_id: str
     prompt: str | None
@@ -93,14 +152,22 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False  # n > 1: siblings created after the prompt's prefill
     processors: tuple["ProcessorUse", ...] = ()  # resolved logits processors, in the order they run
-    beam: "BeamSearch | None" = None  # beam search state (num_beams > 1); seqs are the running beams
-    beam_pending: dict[int, torch.Tensor] = field(default_factory=dict)  # seq_id -> processed logprobs
+    pools: tuple["ModelPool", ...] = ()  # KV pools its sequences hold blocks in; pools[0]: the main model
+    strategy: "DecodingStrategy | None" = None  # turns its logits into tokens (framework/strategies)
+    state: Any = None  # the strategy's per-request state (e.g. the beam search)
+    reranker: "RerankerUse | None" = None  # chooses among finished candidates (framework/rerankers.py)
     prompt_logprobs: list[dict[int, float] | None] | None = None  # prompt_logprobs: one entry per prompt token
     error: str | None = None  # set when the request failed after admission (finish reason "error")
 
     @property
     def finished(self) -> bool:
         return (self.forked or self.params.num_samples == 1) and all(s.finished for s in self.seqs)
+
+    @property
+    def streams_partial(self) -> bool:
+        """Whether partial outputs can be shown while it runs (not when the final choice is made
+        at the end: beam search, or a reranker choosing among candidates)."""
+        return self.stream and self.reranker is None and (self.strategy is None or self.strategy.streams)
 
     def to_output(self) -> RequestOutput:
         seqs = sorted(self.seqs, key=lambda s: s.index)

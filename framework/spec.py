@@ -64,7 +64,7 @@ class PipelineSpec(BaseModel):
     )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="engine settings")
     sampling: dict[str, Any] = Field(default_factory=dict, description="SamplingParams fields")
-    processors: list[dict[str, Any] | str] = Field(default_factory=list, description="logits processors, in order")
+    processors: list[dict[str, Any] | str] = Field(default_factory=list, description="logits processors (guidance ones run in this order)")
     constraint: dict[str, Any] | str | None = Field(None, description="one registered constraint")
     reranker: dict[str, Any] | str | None = Field(None, description="one registered reranker")
     drafter: dict[str, Any] | str | None = Field(None, description="one registered drafter")
@@ -149,6 +149,7 @@ class LoadedSpec:
     source: str
     base_dir: Path
     model_path: str  # a resolved directory or a registered name
+    models: dict[str, str]  # companion aliases -> resolved directories or registered names
     processors: list[PluginRef]
     constraint: PluginRef | None
     reranker: PluginRef | None
@@ -160,6 +161,8 @@ class LoadedSpec:
         fields["processors"] = [{p.name: p.options} for p in self.processors]
         if self.constraint is not None and "constraint" in SamplingParams.model_fields:
             fields["constraint"] = {self.constraint.name: self.constraint.options}
+        if self.reranker is not None:
+            fields["reranker"] = {self.reranker.name: self.reranker.options}
         fields.update(overrides)
         return SamplingParams(**fields)
 
@@ -226,11 +229,11 @@ def load_spec(path: str | os.PathLike, *, plugin_manager=None, text: str | None 
             issues.append(loc.issue(("models", alias), unknown_name_message("model", ref, names) + " (and no such directory)", value=True))
 
     # sampling: validated as SamplingParams (its processors come from the processors section)
-    for key in ("processors", "constraint"):
+    for key in ("processors", "constraint", "reranker"):
         if key in sampling:
             issues.append(loc.issue(("sampling", key), f"give {key} as a top-level section of the spec"))
     try:
-        SamplingParams.model_validate({k: v for k, v in sampling.items() if k not in ("processors", "constraint")})
+        SamplingParams.model_validate({k: v for k, v in sampling.items() if k not in ("processors", "constraint", "reranker")})
     except ValidationError as exc:
         errors = exc.errors()
         inner = errors[0].get("ctx", {}).get("error") if len(errors) == 1 else None
@@ -279,7 +282,8 @@ def load_spec(path: str | os.PathLike, *, plugin_manager=None, text: str | None 
         refs[section] = None if raw is None else check_ref(raw, (section,), section)
     if issues or spec is None or model_path is None:
         raise SpecError(source, issues)
-    return LoadedSpec(spec, source, base_dir, model_path, processors, refs["constraint"], refs["reranker"], refs["drafter"])
+    models = {alias: _resolve_model(ref, base_dir, pm) or ref for alias, ref in aliases.items()}
+    return LoadedSpec(spec, source, base_dir, model_path, models, processors, refs["constraint"], refs["reranker"], refs["drafter"])
 
 
 def _resolve_model(ref: str, base_dir: Path, pm) -> str | None:
@@ -304,7 +308,7 @@ def spec_json_schema(plugin_manager=None) -> dict[str, Any]:
     schema["title"] = "decodekit pipeline spec"
     props = schema["properties"]
     sp = SamplingParams.model_json_schema()
-    sp_props = {k: v for k, v in sp.get("properties", {}).items() if k not in ("processors", "constraint")}
+    sp_props = {k: v for k, v in sp.get("properties", {}).items() if k not in ("processors", "constraint", "reranker")}
     props["sampling"] = {"type": "object", "description": "SamplingParams fields", "properties": sp_props, "additionalProperties": False}
     defs = schema.setdefault("$defs", {})
     defs.update(sp.get("$defs", {}))
@@ -375,9 +379,12 @@ def reference_markdown(plugin_manager=None) -> str:
         "```",
         "",
         "Plugin sections (`processors` items, `constraint`, `reranker`, `drafter`) are a one-key",
-        "mapping `{name: {options}}` or just `name` for default options. Processors run in a fixed",
-        "order by stage (bias, penalties, bans, guidance, temperature, truncation), so a request's",
-        "output never depends on its batch neighbours.",
+        "mapping `{name: {options}}` or just `name` for default options. Processors run by stage",
+        "(bias, penalties, bans, guidance, constraint, temperature, truncation); guidance processors",
+        "(FUDGE, RAD, contrastive, third-party ones) run in the order this list gives them, the",
+        "others in their stage's fixed order, so a request's output never depends on its batch",
+        "neighbours. `models:` aliases name companion models that plugin options can refer to;",
+        "they are loaded with the main model and share its KV budget.",
         "",
         "## Top-level keys",
         "",
@@ -389,7 +396,7 @@ def reference_markdown(plugin_manager=None) -> str:
         "",
         "## `sampling`",
         "",
-        *_field_rows(SamplingParams, skip=("processors", "constraint")),
+        *_field_rows(SamplingParams, skip=("processors", "constraint", "reranker")),
         "",
     ]
     titles = {"logits_processor": "`processors`", "constraint": "`constraint`", "reranker": "`reranker`", "drafter": "`drafter`"}

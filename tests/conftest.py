@@ -6,6 +6,7 @@ text-level tests is trained here on a few lines of text.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -104,3 +105,12 @@ def text_model(tmp_path_factory) -> Path:
     path = make_checkpoint(tmp_path_factory.mktemp("text") / "llama", "llama", seed=3)
     train_bytelevel_tokenizer(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _free_engines_between_tests():
+    """Collect cyclic garbage after each test: engines a test left in a reference cycle (a
+    patched method closing over its object) would otherwise hold their KV caches until the next
+    full collection, which with the engine's frozen heap comes rarely."""
+    yield
+    gc.collect()

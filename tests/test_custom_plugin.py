@@ -65,3 +65,48 @@ def test_plugin_changes_output_from_a_spec(installed, text_model, tmp_path):
     bad.write_text(f"model: {text_model}\nprocessors:\n  - shout: {{bonus: -1}}\n")
     r = subprocess.run([sys.executable, "-m", "framework.cli", "validate", str(bad)], capture_output=True, text=True, env=_env(installed))
     assert r.returncode == 2 and f"{bad}:3:" in r.stderr and "processors[0].shout.bonus" in r.stderr
+
+
+def test_companion_plugin_from_a_spec_matches_transformers(installed, tmp_path):
+    """`blend` adds a companion model's log-probabilities; greedy outputs equal a reference
+    that runs both models with transformers and combines their logits the same way."""
+    import transformers
+    import torch
+
+    from framework.demo import DEMO_DIR
+    from framework.tokenizer import load_tokenizer
+
+    texts = ["Once upon a time", "The for statement"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(texts) + "\n")
+    spec = tmp_path / "blend.yaml"
+    spec.write_text("model: demo\nmodels: {amateur: demo-draft}\n"
+                    "sampling: {temperature: 0, max_tokens: 10, ignore_eos: true}\n"
+                    "processors:\n  - blend: {model: amateur, weight: 1.5}\n")
+    out = tmp_path / "o.jsonl"
+    r = subprocess.run([sys.executable, "-m", "framework.cli", "run", str(spec), "--prompts", str(prompts),
+                        "--output", str(out), "--no-progress"], capture_output=True, text=True, env=_env(installed))
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(x)["outputs"][0]["text"] for x in out.read_text().splitlines()]
+    tok = load_tokenizer(DEMO_DIR / "demo")
+    main = transformers.AutoModelForCausalLM.from_pretrained(DEMO_DIR / "demo", dtype=torch.float32).eval()
+    amateur = transformers.AutoModelForCausalLM.from_pretrained(DEMO_DIR / "demo-draft", dtype=torch.float32).eval()
+    plain_differs = False
+    for text, got_text in zip(texts, got):
+        seq = tok.encode(text)
+        n_prompt = len(seq)
+        ref = []
+        for _ in range(10):
+            with torch.no_grad():
+                x = torch.tensor([seq])
+                z = main(x).logits[0, -1] + 1.5 * torch.log_softmax(amateur(x).logits[0, -1], dim=-1)
+                plain_differs |= int(main(x).logits[0, -1].argmax()) != int(z.argmax())
+            ref.append(int(z.argmax()))
+            seq.append(ref[-1])
+        assert got_text == tok.decode(seq)[len(tok.decode(seq[:n_prompt])):]
+    assert plain_differs  # the companion changed some choice
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: demo\nprocessors:\n  - blend: {model: no-such-model}\n")
+    r = subprocess.run([sys.executable, "-m", "framework.cli", "run", str(bad), "Once upon"], capture_output=True, text=True,
+                       env=_env(installed))
+    assert r.returncode != 0 and "no-such-model" in r.stderr

@@ -118,14 +118,14 @@ def test_loader_logits_match_dense_body_and_transformers(name, tokenizer):
     llm = LLM(name, device="cpu", skip_tokenizer_init=True, block_size=4)
     engine = llm.engine
     rows: list[torch.Tensor] = []
-    run = engine.runner.run
+    run = engine.core.executor.forward
 
     def capture(sched):
-        seqs, logits = run(sched)
-        rows.append(logits[0].clone())
-        return seqs, logits
+        fwd = run(sched)
+        rows.append(fwd.logits[0].clone())
+        return fwd
 
-    engine.runner.run = capture
+    engine.core.executor.forward = capture
     out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
                        use_tqdm=False)[0]
     full = torch.tensor([ids + out.outputs[0].token_ids])

@@ -33,15 +33,15 @@ def test_logits_match_transformers_through_paged_cache(checkpoints, family, chun
     llm = LLM(str(checkpoints[family]), skip_tokenizer_init=True, block_size=4, max_num_batched_tokens=chunk)
     engine = llm.engine
     captured: dict[int, list[torch.Tensor]] = {}
-    run = engine.runner.run
+    run = engine.core.executor.forward
 
     def capture(sched):
-        seqs, logits = run(sched)
-        for i, seq in enumerate(seqs):
-            captured.setdefault(seq.seq_id, []).append(logits[i].clone())
-        return seqs, logits
+        fwd = run(sched)
+        for i, seq in enumerate(fwd.seqs):
+            captured.setdefault(seq.seq_id, []).append(fwd.logits[i].clone())
+        return fwd
 
-    engine.runner.run = capture
+    engine.core.executor.forward = capture
     prompts = _prompts(1)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=21, temperature=0, ignore_eos=True))
     hf = _hf(checkpoints[family])

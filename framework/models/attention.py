@@ -29,6 +29,9 @@ class AttentionMetadata:
     max_q: int
     q_index: torch.Tensor | None  # [T] position of each token in the padded [B * max_q]; None if max_q == 1
     attn_mask: torch.Tensor | None  # [B, 1, g * max_q, max_ctx] bool, True = attend; None = attend all
+    # candidate mode (build_candidates): B rows of `num_candidates` sibling queries each, which see
+    # their row's cached prefix and themselves only; their K/V are never written to the cache
+    num_candidates: int = 0
 
     @staticmethod
     def build(
@@ -78,6 +81,36 @@ class AttentionMetadata:
             attn_mask=mask,
         )
 
+    @staticmethod
+    def build_candidates(
+        ctx_lens: list[int],
+        block_tables: list[list[int]],
+        num_candidates: int,
+        group: int,
+        block_size: int,
+        sliding_window: int | None = None,
+    ) -> "AttentionMetadata":
+        """Metadata for scoring ``num_candidates`` alternative next tokens per row: row ``b``'s
+        candidates sit at cache position ``ctx_lens[b]`` and attend to ``[0, ctx_lens[b])`` and
+        to themselves (not to each other). The query tokens are laid out row by row."""
+        B, K = len(ctx_lens), num_candidates
+        max_ctx = max(ctx_lens)
+        n_blocks = -(-max_ctx // block_size)
+        bt = torch.tensor([t[:n_blocks] + [0] * (n_blocks - len(t[:n_blocks])) for t in block_tables], dtype=torch.long)
+        ctx_slots = (bt[:, :, None] * block_size + torch.arange(block_size)).view(B, -1)[:, :max_ctx].reshape(-1)
+        ct = torch.tensor(ctx_lens)
+        k_pos = torch.arange(max_ctx)[None, :]
+        ctx_ok = k_pos < ct[:, None]  # [B, max_ctx]
+        if sliding_window is not None:
+            ctx_ok &= k_pos > (ct[:, None] - sliding_window)
+        own = torch.eye(K, dtype=torch.bool)
+        m = torch.cat((ctx_ok[:, None, :].expand(B, K, max_ctx), own.expand(B, K, K)), dim=-1)  # [B, K, ctx + K]
+        mask = m[:, None, None].expand(B, 1, group, K, max_ctx + K).reshape(B, 1, group * K, max_ctx + K)
+        return AttentionMetadata(
+            slot_mapping=torch.empty(0, dtype=torch.long), ctx_slots=ctx_slots, batch_size=B, max_ctx=max_ctx,
+            max_q=K, q_index=None, attn_mask=mask, num_candidates=K,
+        )
+
     def to(self, device: torch.device) -> "AttentionMetadata":
         if device.type == "cpu":
             return self
@@ -89,6 +122,7 @@ class AttentionMetadata:
             self.max_q,
             None if self.q_index is None else self.q_index.to(device, non_blocking=True),
             None if self.attn_mask is None else self.attn_mask.to(device, non_blocking=True),
+            self.num_candidates,
         )
 
 
@@ -106,6 +140,8 @@ def paged_attention(
     n_kv = k.shape[1]
     g = n_heads // n_kv
     B, max_q = meta.batch_size, meta.max_q
+    if meta.num_candidates:
+        return _candidate_attention(q, k, v, k_cache, v_cache, meta, scale, compute_dtype)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     # index_select on the flat slot list is far faster on CPU than advanced indexing
@@ -127,3 +163,24 @@ def paged_attention(
         return out.reshape(T, n_heads * d)
     out = out.view(B, n_kv, g, max_q, d).permute(0, 3, 1, 2, 4).reshape(B * max_q, n_heads * d)
     return out[meta.q_index]
+
+
+def _candidate_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, compute_dtype) -> torch.Tensor:
+    """Candidate mode: ``K`` sibling queries per row over the row's cached prefix plus their own
+    (uncached) keys and values."""
+    T, n_heads, d = q.shape
+    n_kv = k.shape[1]
+    g = n_heads // n_kv
+    B, K = meta.batch_size, meta.num_candidates
+    K_ctx = k_cache.index_select(0, meta.ctx_slots).view(B, meta.max_ctx, n_kv, d)
+    V_ctx = v_cache.index_select(0, meta.ctx_slots).view(B, meta.max_ctx, n_kv, d)
+    keys = torch.cat((K_ctx, k.view(B, K, n_kv, d)), dim=1).transpose(1, 2)  # [B, n_kv, ctx + K, d]
+    values = torch.cat((V_ctx, v.view(B, K, n_kv, d)), dim=1).transpose(1, 2)
+    qp = q.view(B, K, n_kv, g, d).permute(0, 2, 3, 1, 4).reshape(B, n_kv, g * K, d)
+    if compute_dtype is not None and compute_dtype != q.dtype:
+        out = F.scaled_dot_product_attention(
+            qp.to(compute_dtype), keys.to(compute_dtype), values.to(compute_dtype), attn_mask=meta.attn_mask, scale=scale
+        ).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=meta.attn_mask, scale=scale)
+    return out.view(B, n_kv, g, K, d).permute(0, 3, 1, 2, 4).reshape(T, n_heads * d)

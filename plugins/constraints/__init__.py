@@ -255,12 +255,3 @@ def _factory(name: str):
 def register_constraints(register: Register) -> None:
     for name, model in PARAMS.items():
         register(name, _factory(name), params=model)
-
-
-@hookimpl
-def register_logits_processors(register: Register) -> None:
-    """The engine-side ``constraint`` processor (framework/constraints.py) that applies any
-    registered constraint's masks; requests select it through their constraint fields."""
-    from framework.constraints import PROCESSOR_NAME, ConstraintProcessor
-
-    register(PROCESSOR_NAME, ConstraintProcessor)

@@ -48,4 +48,7 @@ class Shout:
 
 @hookimpl
 def register_logits_processors(register) -> None:
+    from decodekit_shout.blend import Blend, BlendParams
+
     register("shout", Shout, params=ShoutParams)
+    register("blend", Blend, params=BlendParams)

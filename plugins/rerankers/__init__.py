@@ -1,0 +1,18 @@
+"""Built-in rerankers (the request-finish stage, ``framework/rerankers.py``).
+
+``logprob``: candidates by cumulative log-probability, highest first — what ``best_of`` has
+always done (vLLM's semantics); it is the reranker of a ``best_of > n`` request that names none.
+"""
+
+from __future__ import annotations
+
+from framework.hookspecs import Register, hookimpl
+from plugins.rerankers.logprob import LogprobReranker
+
+
+@hookimpl
+def register_rerankers(register: Register) -> None:
+    register("logprob", LogprobReranker, params=LogprobReranker.Params)
+
+
+__all__ = ["LogprobReranker"]
