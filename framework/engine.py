@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from framework.admission import PromptType, check_prompt, params_from, parse_prompt, resolve_device
 from framework.companions import ModelPool, ModelSet
 from framework.config import EngineConfig, default_num_threads
 from framework.constraints import PROCESSOR_NAME as CONSTRAINT_PROCESSOR
@@ -36,32 +37,12 @@ from framework.outputs import RequestMetrics, RequestOutput
 from framework.plugins import PluginManager, get_plugin_manager, validate_plugin_options
 from framework.processor_chain import ProcessorChain
 from framework.processors import ProcessorSetup
-from framework.rerankers import RerankerUse, RerankRequest, rerank_many
+from framework.rerankers import RerankerUse, rerank_finished
 from framework.sampling_params import SamplingParams, format_validation_error
 from framework.scheduler import Scheduler
 from framework.sequence import Request, Sequence, SeqStatus
 
 logger = logging.getLogger(__name__)
-
-PromptType = str | dict[str, Any] | list[int]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def params_from(value: SamplingParams | dict[str, Any] | None) -> SamplingParams:
-    """Accept SamplingParams or a dict of its fields; errors become InvalidRequestError."""
-    if value is None:
-        return SamplingParams()
-    if isinstance(value, SamplingParams):
-        return value
-    if not isinstance(value, dict):
-        raise InvalidRequestError(f"sampling params must be SamplingParams or a dict, not {type(value).__name__}")
-    return SamplingParams(**value)
-
 
 class LLMEngine:
     """Continuous-batching generation engine over one main model and its companions.
@@ -184,6 +165,11 @@ class LLMEngine:
         except (ValueError, PluginError) as exc:
             raise ConfigError(str(exc)) from None
 
+    @property
+    def has_constraints(self) -> bool:
+        """Whether constrained decoding is available (the core's constraint processor is registered)."""
+        return self._constraints is not None
+
     # ------------------------------------------------------------------------ compatibility
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -222,50 +208,6 @@ class LLMEngine:
             self._constraints.prefetch_enabled = on
 
     # ------------------------------------------------------------------------ requests
-    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError("text prompts need a tokenizer; pass {'prompt_token_ids': [...]}")
-            if not prompt:
-                raise InvalidRequestError("prompt is empty")
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-            if unknown:
-                raise InvalidRequestError(f"prompt has unknown field(s): {', '.join(sorted(unknown))}")
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                    raise InvalidRequestError("prompt_token_ids must be a list of integers")
-                return prompt.get("prompt"), list(ids)
-            if "prompt" in prompt:
-                return self._prompt_ids(prompt["prompt"])
-        if isinstance(prompt, list):
-            return self._prompt_ids({"prompt_token_ids": prompt})
-        raise InvalidRequestError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, not {type(prompt).__name__}")
-
-    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise InvalidRequestError("prompt is empty (0 tokens)")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens "
-                f"(prompt + at least one generated token must fit)"
-            )
-        if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
-            raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens, more than max_num_batched_tokens="
-                f"{self.config.max_num_batched_tokens} (enable chunked prefill or raise the budget)"
-            )
-        if params.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer")
-        if self._constraints is None and params.constraint_spec() is not None:
-            raise InvalidRequestError("constrained decoding is not available (no 'constraint' logits processor registered)")
-
     def add_request(
         self,
         request_id: str | None,
@@ -277,8 +219,8 @@ class LLMEngine:
     ) -> Request:
         """Validate and queue a request. Raises InvalidRequestError (engine state unchanged)."""
         params = params_from(params)
-        text, ids = self._prompt_ids(prompt)
-        self._check_prompt(ids, params)
+        text, ids = parse_prompt(prompt, self.tokenizer)
+        check_prompt(ids, params, self)
         request_id = str(next(self._req_ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -428,7 +370,7 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         now = time.perf_counter()
         finished = [r for r in touched if r.finished]
-        self._rerank([r for r in finished if r.reranker is not None and r.error is None])
+        rerank_finished([r for r in finished if r.reranker is not None and r.error is None])
         for req in touched:
             if req.finished:
                 del self.requests[req.request_id]
@@ -441,39 +383,12 @@ class LLMEngine:
                 req.metrics.num_output_tokens = max(s.num_output_tokens for s in req.seqs)
                 out = req.to_output()
                 for c, s in zip(out.outputs, sorted(req.seqs, key=lambda s: s.index)):
-                    c.text = self._stream_safe_text(s)
+                    c.text = s.stream_safe_text()
                 outputs.append(out)
             if not req.finished or req.stream:
                 for s in req.seqs:
                     s.streamed_len = len(s.text)
         return outputs
-
-    def _rerank(self, reqs: list[Request]) -> None:
-        """Run the finished requests' rerankers (batched per reranker); keep the best ``n``."""
-        if not reqs:
-            return
-        work = []
-        for req in reqs:
-            seqs = sorted(req.seqs, key=lambda s: s.index)
-            req.seqs = seqs
-            work.append((req.reranker, RerankRequest(req.request_id, req.prompt, req.prompt_token_ids, req.params,
-                                                     req.reranker.options, [s.to_output() for s in seqs])))
-        for req, order in zip(reqs, rerank_many(work)):
-            chosen = []
-            for k, sc in enumerate(order[: req.params.n]):
-                seq = req.seqs[sc.index]
-                seq.index, seq.score = k, sc.score
-                chosen.append(seq)
-            req.seqs = chosen
-
-    @staticmethod
-    def _stream_safe_text(seq: Sequence) -> str:
-        """Text that can be shown now: a possible stop-string prefix at the end is held back."""
-        stops = seq.request.params.stop
-        if seq.finished or not stops:
-            return seq.text
-        hold = max(len(s) for s in stops) - 1
-        return seq.text[: max(0, len(seq.text) - hold)]
 
     # ------------------------------------------------------------------------ stats
     @property

@@ -96,4 +96,23 @@ def _checked(out: list[ScoredCandidate], req: RerankRequest, name: str) -> list[
     return out
 
 
-__all__ = ["Reranker", "RerankRequest", "RerankerUse", "ScoredCandidate", "rerank_many"]
+def rerank_finished(reqs: list) -> None:
+    """Run the finished requests' rerankers (batched per reranker); keep the best ``n``."""
+    if not reqs:
+        return
+    work = []
+    for req in reqs:
+        seqs = sorted(req.seqs, key=lambda s: s.index)
+        req.seqs = seqs
+        work.append((req.reranker, RerankRequest(req.request_id, req.prompt, req.prompt_token_ids, req.params,
+                                                 req.reranker.options, [s.to_output() for s in seqs])))
+    for req, order in zip(reqs, rerank_many(work)):
+        chosen = []
+        for k, sc in enumerate(order[: req.params.n]):
+            seq = req.seqs[sc.index]
+            seq.index, seq.score = k, sc.score
+            chosen.append(seq)
+        req.seqs = chosen
+
+
+__all__ = ["Reranker", "RerankRequest", "RerankerUse", "ScoredCandidate", "rerank_finished", "rerank_many"]

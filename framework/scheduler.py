@@ -118,10 +118,16 @@ class Scheduler:
         return max(0, need) + revived <= bm.num_free_blocks
 
     def schedule(self) -> SchedulerOutput:
+        """Plan one step: running sequences first (preempting the newest when blocks run out),
+        then waiting ones while the budget, ``max_num_seqs`` and free blocks allow."""
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        scheduled_ids: set[int] = set()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:  # memory is short: admit nobody new this step
+            self._admit_waiting(out, budget)
+        return out
 
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        scheduled_ids: set[int] = set()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -149,10 +155,9 @@ class Scheduler:
                 out.num_decode_tokens += n
             budget -= n
             i += 1
+        return budget
 
-        if out.preempted:
-            return out  # memory is short: admit nobody new this step
-
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             plp = seq.request.prompt_logprobs  # prompt logprobs need every prompt position computed
@@ -181,4 +186,3 @@ class Scheduler:
             out.scheduled.append((seq, n))
             out.num_prefill_tokens += n
             budget -= n
-        return out

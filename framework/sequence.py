@@ -126,6 +126,14 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
+    def stream_safe_text(self) -> str:
+        """Text that can be shown now: a possible stop-string prefix at the end is held back."""
+        stops = self.request.params.stop
+        if self.finished or not stops:
+            return self.text
+        hold = max(len(s) for s in stops) - 1
+        return self.text[: max(0, len(self.text) - hold)]
+
     def to_output(self) -> CompletionOutput:
         return CompletionOutput(
             index=self.index,
