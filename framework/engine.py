@@ -369,10 +369,10 @@ class LLMEngine:
     def _collect_outputs(self, touched: list[Request]) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         now = time.perf_counter()
-        finished = [r for r in touched if r.finished]
-        rerank_finished([r for r in finished if r.reranker is not None and r.error is None])
-        for req in touched:
-            if req.finished:
+        done = [r.finished for r in touched]
+        rerank_finished([r for r, d in zip(touched, done) if d and r.reranker is not None and r.error is None])
+        for req, finished in zip(touched, done):
+            if finished:
                 del self.requests[req.request_id]
                 req.metrics.finished_time = now
                 req.metrics.num_output_tokens = max((s.num_output_tokens for s in req.seqs), default=0)
@@ -385,7 +385,7 @@ class LLMEngine:
                 for c, s in zip(out.outputs, sorted(req.seqs, key=lambda s: s.index)):
                     c.text = s.stream_safe_text()
                 outputs.append(out)
-            if not req.finished or req.stream:
+            if not finished or req.stream:
                 for s in req.seqs:
                     s.streamed_len = len(s.text)
         return outputs

@@ -43,6 +43,7 @@ class EngineCore:
         self.executor = Executor(models.pools)
         self.generator = torch.Generator().manual_seed(seed)
         self.strategies: list[DecodingStrategy] = []
+        self._schedule_hooks: list | None = None  # strategies with before_schedule (computed once)
         self.drafter: Any = None  # the engine's drafter (speculative decoding), if configured
         self._seq_ids = itertools.count()
         self.step_count = 0
@@ -70,7 +71,9 @@ class EngineCore:
         return list(touched.values())
 
     def _before_schedule(self) -> None:
-        hooks = [s for s in self.strategies if hasattr(s, "before_schedule")]
+        hooks = self._schedule_hooks
+        if hooks is None:
+            hooks = self._schedule_hooks = [s for s in self.strategies if hasattr(s, "before_schedule")]
         if not hooks:
             return
         running = [s for s in self.scheduler.running if s.request.strategy is not None]

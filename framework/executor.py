@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from framework.companions import ModelPool
+from framework.kv_policy import KeepAll
 from framework.model_runner import ForwardItem
 from framework.scheduler import SchedulerOutput
 from framework.sequence import Sequence
@@ -39,8 +40,8 @@ class Executor:
 
     @torch.inference_mode()
     def forward(self, sched: SchedulerOutput) -> StepForward:
-        ends = [seq.num_computed_tokens + n for seq, n in sched.scheduled]
-        due = [seq for (seq, _), end in zip(sched.scheduled, ends) if end == seq.num_scheduled_target]
+        ends = [seq.kv[0].num_computed + n for seq, n in sched.scheduled]
+        due = [seq for (seq, _), end in zip(sched.scheduled, ends) if end == len(seq.token_ids) + len(seq.draft)]
         counts = [1 + len(seq.draft) for seq in due]
         per_pool = self._items(sched, ends)
         logits = None
@@ -62,7 +63,7 @@ class Executor:
         """Per pool index: the items to run and, per item, (seq, kv, end, due rows, prompt-logprob rows)."""
         work: dict[int, tuple[list[ForwardItem], list[tuple]]] = {}
         for (seq, _), end in zip(sched.scheduled, ends):
-            is_due = end == seq.num_scheduled_target
+            is_due = end == len(seq.token_ids) + len(seq.draft)
             m = 1 + len(seq.draft) if is_due else 0
             for j, (pool, kv) in enumerate(zip(seq.request.pools, seq.kv)):
                 if not pool.lockstep or kv.num_computed >= end:
@@ -70,7 +71,7 @@ class Executor:
                 start = kv.num_computed
                 n = end - start
                 plp = 0
-                if j == 0:
+                if j == 0 and seq.request.prompt_logprobs is not None:
                     plp = self._prompt_logprob_rows(seq, start, end)
                 outputs = range(0, n) if (plp and m) else (range(0, plp) if plp else range(n - m, n))
                 item = ForwardItem(kv.table, seq.tokens_between(start, end), start - kv.num_evicted, outputs)
@@ -84,21 +85,23 @@ class Executor:
         """How many rows from ``start`` give prompt logprobs this step (0: none wanted)."""
         plp = seq.request.prompt_logprobs
         P = seq.num_prompt_tokens
-        if plp is None or len(plp) >= P or start >= P - 1:
+        if len(plp) >= P or start >= P - 1:
             return 0
         return min(end, P - 1) - start
 
     def _split(self, pool: ModelPool, hidden: torch.Tensor, items: list[ForwardItem], owners: list[tuple]) -> torch.Tensor | None:
         """Advance computed counts; compute the pool's outputs at due rows (and prompt logprobs)."""
         bm = pool.bm
+        evicting = not isinstance(pool.policy, KeepAll)
         due_rows: list[int] = []
         pool.step_rows = {}
         row = 0
         for item, (seq, kv, end, m, plp) in zip(items, owners):
             kv.num_computed = end
             if kv.num_evicted == 0:
-                kv.num_hashed = bm.commit_full_blocks(kv.table, seq.token_ids, min(end, seq.num_tokens), kv.num_hashed)
-            pool.policy.after_compute(kv, pool)
+                kv.num_hashed = bm.commit_full_blocks(kv.table, seq.token_ids, min(end, len(seq.token_ids)), kv.num_hashed)
+            if evicting:
+                pool.policy.after_compute(kv, pool)
             if plp:
                 self._prompt_logprobs(pool, seq, hidden[row : row + plp], end - (len(item.tokens)))
             n_out = len(item.outputs)

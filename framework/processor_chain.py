@@ -73,6 +73,7 @@ class ProcessorChain:
         self._next_slot = 0
         self._version = 0  # bumped whenever a slot is taken or released
         self._plans: OrderedDict[tuple, StepPlan] = OrderedDict()  # a few recent batch compositions
+        self.forcing: set[str] = set()  # processors that implement forced_tokens
         self._buffer: torch.Tensor | None = None
 
     # -- per request --------------------------------------------------------------------------
@@ -85,6 +86,8 @@ class ProcessorChain:
             index = list(self.registry.entries).index(name)
             self._rank[name] = (int(getattr(proc, "stage", Stage.GUIDANCE)), index)
             self._instances[name] = proc
+            if hasattr(proc, "forced_tokens"):
+                self.forcing.add(name)
         return proc
 
     def resolve(self, params: SamplingParams) -> tuple[ProcessorUse, ...]:

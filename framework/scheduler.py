@@ -86,7 +86,7 @@ class Scheduler:
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Blocks (and private copies of shared ones) for computing ``n`` more tokens of ``seq``
         in every lockstep pool of its request."""
-        end = seq.num_computed_tokens + n
+        end = seq.kv[0].num_computed + n
         for pool, kv in zip(seq.request.pools, seq.kv):
             if not pool.lockstep:
                 continue
@@ -131,10 +131,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.draft and seq.num_scheduled_target - seq.num_computed_tokens > budget:
+            todo = len(seq.token_ids) + len(seq.draft) - seq.kv[0].num_computed
+            if seq.draft and todo > budget:
                 seq.draft.clear()  # drafts run whole or not at all
                 out.drafts_dropped.append(seq)
-            n = min(seq.num_scheduled_target - seq.num_computed_tokens, budget)
+                todo = len(seq.token_ids) - seq.kv[0].num_computed
+            n = min(todo, budget)
             if n == 0:  # parked: its next token waits on others (a beam waiting for its siblings)
                 i += 1
                 continue
@@ -149,7 +151,7 @@ class Scheduler:
                 continue  # seq itself was preempted; running[i] is now the next one
             out.scheduled.append((seq, n))
             scheduled_ids.add(id(seq))
-            if seq.num_computed_tokens + n < seq.num_prompt_tokens or n > 1:
+            if seq.kv[0].num_computed + n < seq.num_prompt_tokens or n > 1:
                 out.num_prefill_tokens += n
             else:
                 out.num_decode_tokens += n

@@ -257,6 +257,20 @@ def test_best_of_keeps_the_most_likely_samples(server, model_name):
     assert ei.value.body["param"] == "best_of"
 
 
+def test_reranker_in_the_extra_body(server, model_name):
+    """`reranker` reaches the request-finish stage: the built-in logprob reranker with
+    per-token normalisation orders best_of candidates by mean log-probability."""
+    cl = client(server)
+    kw = dict(model=model_name, prompt=PROMPT, max_tokens=6, temperature=1.0, seed=4, logprobs=0)
+    all4 = cl.completions.create(n=4, extra_body={"ignore_eos": True}, **kw).choices
+    best = cl.completions.create(n=2, best_of=4, extra_body={"ignore_eos": True, "reranker": {"logprob": {"normalize": "length"}}},
+                                 **kw).choices
+    ranked = sorted(all4, key=lambda c: sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs), reverse=True)
+    assert [c.text for c in best] == [c.text for c in ranked[:2]]
+    with pytest.raises(openai.BadRequestError) as ei:
+        cl.completions.create(n=2, extra_body={"reranker": {"logprb": {}}}, **kw)
+    assert "logprob" in ei.value.body["message"]  # did you mean ...
+
 def test_chat_logprobs(server, model_name):
     r = client(server).chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}],
                                                max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,

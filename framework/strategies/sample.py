@@ -62,8 +62,9 @@ class SampleStrategy:
         out = core.sample(seqs, logits)
         core.append_sampled(seqs, out, now)
         if self.jump_forward:
+            forcing = core.chain.forcing
             for seq in seqs:
-                if not seq.finished:
+                if not seq.finished and seq.request.processors and any(u.name in forcing for u in seq.request.processors):
                     self.jump(seq, now)
         return {id(s.request): s.request for s in seqs}.values()
 
