@@ -86,9 +86,13 @@ class Decodekit:
         trie_walker()
 
     def compile(self, schema):
+        from plugins.constraints.json_schema import JsonSchemaOptions
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            g, _ = self._g(schema)
+            # flexible whitespace, as llguidance and XGrammar are run here (decodekit's default
+            # is the compact json.dumps layout, a smaller grammar)
+            g, _ = self._g(schema, JsonSchemaOptions(whitespace="flexible"))
         return self._cg(g, self.tok)
 
     def matcher(self, compiled):

@@ -1,11 +1,14 @@
 """``decodekit run``: a pipeline over a file of prompts, written as JSON lines as they finish.
 
 * Prompts come from ``.txt`` (one per non-empty line; the id is the line number), ``.jsonl``
-  (``{"id": ..., "prompt": ...}`` or ``{"id": ..., "messages": [...]}``; the id defaults to the
-  line number) or stdin (``-``, one prompt per line).
+  (``{"id": ..., "prompt": ...}``, ``{"id": ..., "messages": [...]}`` or
+  ``{"id": ..., "prompt_token_ids": [...]}``; the id defaults to the line number) or stdin
+  (``-``, one prompt per line).
 * Each finished request is appended to the output at once and flushed, so an interrupted run
-  loses nothing; running the same command again skips the ids already written (a torn last line
-  left by a kill is dropped first).
+  loses nothing; running the same command again generates only what is missing. What counts as
+  done, and which files are refused, is :mod:`framework.results_file`'s business: results carry a
+  fingerprint of the spec, overrides and prompt, failed requests are retried, and a file that is
+  not a decodekit results file is never written into.
 * Requests are fed to the engine in a bounded window so memory stays flat on huge files.
 """
 
@@ -28,9 +31,12 @@ class PromptRecord:
     id: str
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
+    prompt_token_ids: list[int] | None = None
 
     def display(self) -> Any:
-        return self.prompt if self.prompt is not None else self.messages
+        if self.prompt is not None:
+            return self.prompt
+        return self.messages if self.messages is not None else self.prompt_token_ids
 
 
 def read_prompts(path: str, fmt: str | None = None, stdin: IO[str] | None = None) -> list[PromptRecord]:
@@ -66,6 +72,11 @@ def read_prompts(path: str, fmt: str | None = None, stdin: IO[str] | None = None
             rid = str(obj.get("id", lineno))
             if "prompt" in obj and isinstance(obj["prompt"], str):
                 rec = PromptRecord(id=rid, prompt=obj["prompt"])
+            elif "prompt_token_ids" in obj:
+                ids = obj["prompt_token_ids"]
+                if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise ConfigError(f"{source}:{lineno}: prompt_token_ids must be a non-empty list of integers")
+                rec = PromptRecord(id=rid, prompt_token_ids=ids)
             elif "messages" in obj:
                 from framework.chat import validate_messages
 
@@ -74,35 +85,12 @@ def read_prompts(path: str, fmt: str | None = None, stdin: IO[str] | None = None
                 except InvalidRequestError as exc:
                     raise ConfigError(f"{source}:{lineno}: {exc}") from None
             else:
-                raise ConfigError(f"{source}:{lineno}: needs a string 'prompt' or a 'messages' list")
+                raise ConfigError(f"{source}:{lineno}: needs a string 'prompt', a 'messages' list or 'prompt_token_ids'")
         if rec.id in seen:
             raise ConfigError(f"{source}:{lineno}: duplicate id {rec.id!r}")
         seen.add(rec.id)
         records.append(rec)
     return records
-
-
-def done_ids(output: Path) -> set[str]:
-    """Ids already in ``output``; a torn (unterminated or unparsable) last line is cut off."""
-    if not output.exists():
-        return set()
-    data = output.read_bytes()
-    ids: set[str] = set()
-    good = 0
-    pos = 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            break  # unterminated last line: written partly when the run was killed
-        try:
-            ids.add(str(json.loads(data[pos:nl])["id"]))
-        except (ValueError, KeyError, TypeError):
-            break
-        pos = good = nl + 1
-    if good < len(data):
-        with output.open("r+b") as f:
-            f.truncate(good)
-    return ids
 
 
 def _percentiles(xs: list[float], qs=(50, 90, 99)) -> dict[int, float]:
@@ -122,28 +110,56 @@ class RunSummary:
     seconds: float = 0.0
     ttft: list[float] = field(default_factory=list)
     tpot: list[float] = field(default_factory=list)
+    skipped_lines: list[int] = field(default_factory=list)  # lines of the output that were not records
+
+    def add(self, out: RequestOutput) -> None:
+        """Count one finished request (a failed one as failed)."""
+        if out.error is not None:
+            self.failed += 1
+            return
+        self.requests += 1
+        self.prompt_tokens += len(out.prompt_token_ids)
+        self.output_tokens += sum(len(c.token_ids) for c in out.outputs)
+        if out.metrics.ttft is not None:
+            self.ttft.append(out.metrics.ttft)
+        if out.metrics.tpot is not None:
+            self.tpot.append(out.metrics.tpot)
 
     def lines(self) -> list[str]:
         tps = self.output_tokens / self.seconds if self.seconds > 0 else 0.0
-        t = _percentiles(self.ttft)
-        o = _percentiles(self.tpot)
-        return [
-            f"requests: {self.requests} done, {self.skipped} skipped (already in output), {self.failed} failed",
-            f"tokens: {self.prompt_tokens} prompt, {self.output_tokens} generated in {self.seconds:.1f} s ({tps:.1f} tok/s)",
-            "TTFT ms: p50 {:.1f}  p90 {:.1f}  p99 {:.1f}".format(*(t[q] * 1e3 for q in (50, 90, 99))),
-            "TPOT ms: p50 {:.1f}  p90 {:.1f}  p99 {:.1f}".format(*(o[q] * 1e3 for q in (50, 90, 99))),
-        ]
+        out = [f"requests: {self.requests} done, {self.skipped} skipped (already in output), {self.failed} failed"]
+        if self.skipped_lines:
+            shown = ", ".join(map(str, self.skipped_lines[:10])) + (" ..." if len(self.skipped_lines) > 10 else "")
+            out.append(f"warning: the output has {len(self.skipped_lines)} line(s) that are not result records "
+                       f"(line {shown}): skipped, left as they are")
+        if self.requests == 0:
+            return out + ["tokens: none generated (every prompt was already in the output)" if self.skipped and not self.failed
+                          else "tokens: none generated"]
+        out.append(f"tokens: {self.prompt_tokens} prompt, {self.output_tokens} generated in {self.seconds:.1f} s ({tps:.1f} tok/s)")
+        for name, xs in (("TTFT", self.ttft), ("TPOT", self.tpot)):
+            if xs:
+                p = _percentiles(xs)
+                out.append(f"{name} ms: p50 {p[50] * 1e3:.1f}  p90 {p[90] * 1e3:.1f}  p99 {p[99] * 1e3:.1f}")
+        return out
 
 
-def result_record(rec: PromptRecord, out: RequestOutput) -> dict[str, Any]:
+def result_record(rec: PromptRecord, out: RequestOutput, fingerprint: dict[str, str] | None = None,
+                  token_ids: bool = False) -> dict[str, Any]:
+    """The JSON line of one finished request (``token_ids``: include each output's token ids,
+    as runs without a tokenizer do). A request that failed after admission (its constraint did
+    not compile) is an error record."""
+    if out.error is not None:
+        return error_record(rec, out.error, fingerprint)
     m = out.metrics
     return {
         "id": rec.id,
         "prompt": rec.display(),
+        **({"fingerprint": fingerprint} if fingerprint is not None else {}),
         "outputs": [
             {
                 "index": c.index,
                 "text": c.text,
+                **({"token_ids": list(c.token_ids)} if token_ids else {}),
                 "finish_reason": c.finish_reason,
                 "num_tokens": len(c.token_ids),
                 "cumulative_logprob": c.cumulative_logprob,
@@ -158,60 +174,86 @@ def result_record(rec: PromptRecord, out: RequestOutput) -> dict[str, Any]:
     }
 
 
-def run_records(pipeline, records: list[PromptRecord], output: Path, *, progress: bool | None = None,
-                window: int | None = None, overrides: dict[str, Any] | None = None) -> RunSummary:
-    """Generate every record not yet in ``output``; append results as they finish."""
-    from framework.chat import render_chat
+def error_record(rec: PromptRecord, error: str, fingerprint: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"id": rec.id, "prompt": rec.display(), **({"fingerprint": fingerprint} if fingerprint is not None else {}),
+            "error": error}
 
-    summary = RunSummary()
-    done = done_ids(output)
-    todo = [r for r in records if r.id not in done]
+
+def open_results(loaded, records: list[PromptRecord], output: str | Path, params: Any, *, overwrite: bool = False,
+                 stdout: IO[str] | None = None) -> tuple[Any, str]:
+    """The results sink for ``output`` (``"-"``: standard output) and this run's fingerprint;
+    ``loaded``: the run's :class:`~framework.spec.LoadedSpec` (no model needed: ``decodekit
+    run`` refuses a bad output before it loads one).
+
+    Raises:
+        ConfigError: ``output`` is not a decodekit results file, or holds other results.
+    """
+    from framework.results_file import ResultsFile, StdoutResults, prompt_fingerprint, run_fingerprint
+
+    spec = loaded.spec
+    run = run_fingerprint(spec.model, str(spec.engine.dtype), params)
+    if str(output) == "-":
+        return StdoutResults(stdout or sys.stdout), run
+    prompts = {r.id: prompt_fingerprint(r.display()) for r in records}
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return ResultsFile.open(path, run, prompts, overwrite=overwrite), run
+
+
+def run_records(pipeline, records: list[PromptRecord], output: str | Path | None = None, *, progress: bool | None = None,
+                window: int | None = None, overrides: dict[str, Any] | None = None, overwrite: bool = False,
+                stdout: IO[str] | None = None, opened: tuple[Any, str] | None = None) -> RunSummary:
+    """Generate every record not yet done in ``output``; append results as they finish.
+    ``opened``: the ``(sink, fingerprint)`` of :func:`open_results` when the caller opened it."""
+    from framework.results_file import prompt_fingerprint
+
+    params = pipeline.sampling_params(**(overrides or {}))
+    if opened is None:
+        if output is None:
+            raise ValueError("run_records needs an output (or opened)")
+        opened = open_results(pipeline.loaded, records, output, params, overwrite=overwrite, stdout=stdout)
+    sink, run = opened
+    summary = RunSummary(skipped_lines=list(sink.skipped_lines))
+    todo = [r for r in records if r.id not in sink.done]
     summary.skipped = len(records) - len(todo)
     engine = pipeline.engine
-    params = pipeline.sampling_params(**(overrides or {}))
     window = window or max(4 * engine.config.max_num_seqs, 16)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    with_ids = pipeline.tokenizer is None  # no text without a tokenizer: the token ids are the output
     bar = _bar(len(todo), progress)
     t0 = time.perf_counter()
     it: Iterator[PromptRecord] = iter(todo)
     inflight: dict[str, PromptRecord] = {}
-    try:
-        with output.open("a", encoding="utf-8") as f:
-            def fill() -> None:
-                while len(inflight) < window:
-                    rec = next(it, None)
-                    if rec is None:
-                        return
-                    prompt = rec.prompt if rec.prompt is not None else render_chat(pipeline.tokenizer, rec.messages or [])
-                    rid = f"run-{rec.id}"
-                    try:
-                        engine.add_request(rid, prompt, params)
-                    except InvalidRequestError as exc:  # a bad prompt fails alone
-                        summary.failed += 1
-                        f.write(json.dumps({"id": rec.id, "prompt": rec.display(), "error": str(exc)}, ensure_ascii=False) + "\n")
-                        f.flush()
-                        continue
-                    inflight[rid] = rec
 
+    def fp(rec: PromptRecord) -> dict[str, str]:
+        return {"run": run, "prompt": prompt_fingerprint(rec.display())}
+
+    def fill() -> None:
+        while len(inflight) < window:
+            rec = next(it, None)
+            if rec is None:
+                return
+            rid = f"run-{rec.id}"
+            try:
+                engine.add_request(rid, _engine_prompt(pipeline, rec), params)
+            except InvalidRequestError as exc:  # a bad prompt fails alone
+                summary.failed += 1
+                sink.write(error_record(rec, str(exc), fp(rec)))
+                continue
+            inflight[rid] = rec
+
+    try:
+        with sink:
             fill()
             while inflight:
                 for out in engine.step():
                     if not out.finished or out.request_id not in inflight:
                         continue
                     rec = inflight.pop(out.request_id)
-                    f.write(json.dumps(result_record(rec, out), ensure_ascii=False) + "\n")
-                    f.flush()
-                    summary.requests += 1
-                    summary.prompt_tokens += len(out.prompt_token_ids)
-                    n_out = sum(len(c.token_ids) for c in out.outputs)
-                    summary.output_tokens += n_out
-                    if out.metrics.ttft is not None:
-                        summary.ttft.append(out.metrics.ttft)
-                    if out.metrics.tpot is not None:
-                        summary.tpot.append(out.metrics.tpot)
+                    sink.write(result_record(rec, out, fp(rec), token_ids=with_ids))
+                    summary.add(out)
                     if bar is not None:
                         el = time.perf_counter() - t0
-                        bar.set_postfix_str(f"{summary.output_tokens / el:.0f} tok/s", refresh=False)
+                        bar.set_postfix_str(f"{summary.output_tokens / max(el, 1e-9):.0f} tok/s", refresh=False)
                         bar.update(1)
                 fill()
     except BaseException:
@@ -223,6 +265,19 @@ def run_records(pipeline, records: list[PromptRecord], output: Path, *, progress
             bar.close()
         summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _engine_prompt(pipeline, rec: PromptRecord) -> Any:
+    from framework.chat import render_chat
+
+    if rec.prompt is not None:
+        return rec.prompt
+    if rec.prompt_token_ids is not None:
+        return {"prompt_token_ids": rec.prompt_token_ids}
+    tok = pipeline.tokenizer
+    if tok is None:
+        raise InvalidRequestError("messages need a tokenizer (skip_tokenizer_init is set): give prompt_token_ids")
+    return render_chat(tok, rec.messages or [])
 
 
 def _bar(total: int, progress: bool | None):

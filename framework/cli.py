@@ -25,14 +25,22 @@ def cli() -> None:
 
 @cli.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--kind", default=None, help="only this kind (tokenizer, model, sampler, ...)")
+@click.option("--kind", default=None, help="only this kind: tokenizer, model, sampler, logits_processor (or processor), "
+              "constraint, reranker, drafter, command, route (plurals and dashes work too)")
 def plugins_cmd(as_json: bool, kind: str | None) -> None:
     """List every registered name with its kind and the plugin that registered it."""
-    from framework.plugins import get_plugin_manager
+    from framework.plugins import KINDS, get_plugin_manager, normalize_kind
 
     regs = get_plugin_manager().all_registrations()
     if kind:
-        regs = [r for r in regs if r.kind == kind]
+        norm = normalize_kind(kind)
+        if norm is None:
+            import difflib
+
+            close = difflib.get_close_matches(kind, list(KINDS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise click.BadParameter(f"unknown kind {kind!r}{hint} (kinds: {', '.join(KINDS)})", param_hint="--kind")
+        regs = [r for r in regs if r.kind == norm]
     rows = [{"kind": r.kind, "name": r.name, "source": r.source} for r in regs]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -55,12 +63,25 @@ def plugins_cmd(as_json: bool, kind: str | None) -> None:
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--stream/--no-stream", default=None, help="stream a single prompt to the terminal")
+@click.option("--skip-tokenizer-init", is_flag=True, help="load no tokenizer (a model directory without tokenizer files): "
+              "each PROMPT is token ids separated by spaces or commas, and the output is token ids")
 @click.argument("prompts", nargs=-1, required=True)
-def generate_cmd(model, max_tokens, temperature, top_p, top_k, seed, stop, dtype, device, stream, prompts) -> None:
+def generate_cmd(model, max_tokens, temperature, top_p, top_k, seed, stop, dtype, device, stream, skip_tokenizer_init,
+                 prompts) -> None:
     """Generate continuations of PROMPTS (batched together) and print them."""
     from framework import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop))
+    if skip_tokenizer_init:
+        try:
+            id_prompts = [[int(t) for t in p.replace(",", " ").split()] for p in prompts]
+        except ValueError:
+            raise click.BadParameter("with --skip-tokenizer-init each prompt is token ids, e.g. '1 430 1011'",
+                                     param_hint="PROMPTS") from None
+        llm = LLM(model, dtype=dtype, device=device, skip_tokenizer_init=True)
+        for out in llm.generate([{"prompt_token_ids": ids} for ids in id_prompts], params):
+            click.echo(" ".join(map(str, out.prompt_token_ids)) + " -> " + " ".join(map(str, out.outputs[0].token_ids)))
+        return
     llm = LLM(model, dtype=dtype, device=device)
     if stream is None:
         stream = len(prompts) == 1 and sys.stdout.isatty()
@@ -85,16 +106,21 @@ def generate_cmd(model, max_tokens, temperature, top_p, top_k, seed, stop, dtype
 @cli.command("run")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.argument("prompt", required=False)
-@click.option("--prompts", "prompts_file", default=None, help="prompts file: .txt (one a line), .jsonl ({id, prompt} or {id, messages}), or - for stdin")
-@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False), help="results as JSON lines (re-running resumes)")
+@click.option("--prompts", "prompts_file", default=None,
+              help="prompts file: .txt (one a line), .jsonl ({id, prompt}, {id, messages} or {id, prompt_token_ids}), or - for stdin")
+@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+              help="results as JSON lines (re-running resumes); - for standard output")
+@click.option("--overwrite", is_flag=True, help="start the output afresh when it holds results of another spec, overrides "
+              "or prompts (never for a file that is not a decodekit results file)")
 @click.option("--format", "fmt", type=click.Choice(["txt", "jsonl"]), default=None, help="prompts file format (default: by extension)")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="override a sampling field, e.g. --set temperature=0 (YAML value)")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: when stderr is a terminal)")
-def run_cmd(spec, prompt, prompts_file, output, fmt, sets, progress) -> None:
-    """Run the pipeline SPEC on one PROMPT (streamed) or on a file of prompts (--prompts)."""
+def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress) -> int:
+    """Run the pipeline SPEC on one PROMPT (streamed; with n > 1, each sample labelled) or on a
+    file of prompts (--prompts). Exits 1 when a request failed, 2 on bad input."""
     import yaml
 
-    from framework.batch_run import read_prompts, run_records
+    from framework.batch_run import open_results, read_prompts, run_records
     from framework.pipeline import Pipeline
     from framework.spec import load_spec
 
@@ -107,22 +133,45 @@ def run_cmd(spec, prompt, prompts_file, output, fmt, sets, progress) -> None:
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give either a PROMPT or --prompts FILE")
     if prompts_file is not None and output is None:
-        raise click.UsageError("--prompts needs --output FILE.jsonl")
+        raise click.UsageError("--prompts needs --output FILE.jsonl (or --output - for standard output)")
     loaded = load_spec(spec)  # all spec errors before any model loads
     records = read_prompts(prompts_file, fmt) if prompts_file is not None else None
-    loaded.sampling_params(**overrides)  # bad overrides fail here too
-    pipe = Pipeline(loaded)
+    params = loaded.sampling_params(**overrides)  # bad overrides fail here too
+    opened = None
+    if records is not None:  # a bad --output is refused before the model loads
+        opened = open_results(loaded, records, output, params, overwrite=overwrite)
+    try:
+        pipe = Pipeline(loaded)
+    except BaseException:
+        if opened is not None:
+            opened[0].close()
+        raise
     if records is None:
-        click.echo(prompt, nl=False)
-        for delta in pipe.stream(prompt, **overrides):
-            click.echo(delta, nl=False)
-        click.echo()
-        return
-    from pathlib import Path
-
-    summary = run_records(pipe, records, Path(output), progress=progress, overrides=overrides)
+        return _run_one(pipe, prompt, params, overrides)
+    summary = run_records(pipe, records, progress=progress, overrides=overrides, opened=opened)
     for line in summary.lines():
         click.echo(line, err=True)
+    return 1 if summary.failed else 0
+
+
+def _run_one(pipe, prompt: str, params, overrides: dict) -> int:
+    """One prompt: streamed to the terminal; several samples (n > 1, beams) printed one after
+    another, each under a label. An error starts on a line of its own."""
+    count = max(params.n, params.num_return_sequences or 1)
+    if count > 1:
+        out = pipe.generate([prompt], use_tqdm=False, **overrides)[0]
+        for c in out.outputs:
+            extra = f", score {c.score:.3f}" if c.score is not None else ""
+            click.echo(f"--- sample {c.index + 1}/{len(out.outputs)} ({c.finish_reason}{extra}) ---")
+            click.echo(f"{prompt}{c.text}")
+        return 0
+    click.echo(prompt, nl=False)
+    try:
+        for delta in pipe.stream(prompt, **overrides):
+            click.echo(delta, nl=False)
+    finally:
+        click.echo()  # the completion (or an error message after it) ends the line
+    return 0
 
 
 @cli.command("serve")
@@ -168,10 +217,12 @@ def serve_cmd(spec, host, port, api_key, model_name, max_queue, max_body_size, m
 @cli.command("validate")
 @click.argument("spec", type=click.Path(dir_okay=False))
 def validate_cmd(spec) -> None:
-    """Check SPEC completely (structure, plugin names and options, paths) without loading models."""
-    from framework.spec import load_spec
+    """Check SPEC completely without loading the model: structure, duplicate keys, plugin names and
+    options, paths, then (with the model's tokenizer only) every processor's per-request checks and
+    the compilation of its constraint."""
+    from framework.pipeline import validate_pipeline
 
-    loaded = load_spec(spec)
+    loaded = validate_pipeline(spec)
     names = [p.name for p in loaded.processors]
     click.echo(f"{spec}: ok (model {loaded.spec.model}; processors: {', '.join(names) or 'none'}; "
                f"constraint: {loaded.constraint.name if loaded.constraint else 'none'})")
@@ -187,9 +238,17 @@ def schema_cmd(indent: int) -> None:
 
 
 def _add_plugin_commands() -> None:
+    """Add the commands plugins register. A plugin that fails to load must not take the whole
+    command line with it: ``--help`` and the built-in commands that need no plugin still work,
+    and the error (naming the plugin) is shown — commands that need the plugins report it again."""
     from framework.plugins import get_plugin_manager
 
-    for reg in get_plugin_manager().registry("command"):
+    try:
+        pm = get_plugin_manager()
+    except DecodekitError as exc:
+        click.echo(f"warning: plugin commands are unavailable: {exc}", err=True)
+        return
+    for reg in pm.registry("command"):
         if reg.name in cli.commands:
             raise DecodekitError(f"plugin {reg.source!r} registers command {reg.name!r}, which is built in")
         cli.add_command(reg.factory, reg.name)
@@ -198,7 +257,7 @@ def _add_plugin_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         _add_plugin_commands()
-        cli.main(args=argv, prog_name="decodekit", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="decodekit", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
@@ -208,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     except DecodekitError as exc:  # user errors: a message, never a traceback
         click.echo(f"error: {exc}", err=True)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,6 +52,9 @@ class EngineConfig(BaseModel):
     tokenizer: str | None = Field(None, description="registered tokenizer name; default: detected from the model dir")
     kv_policy: dict[str, Any] | str | None = Field(
         None, description="a registered KV policy, {name: {options}} or name (default: keep every block)")
+    skip_tokenizer_init: bool = Field(
+        False, description="load no tokenizer (model directories without tokenizer files): prompts are token ids "
+        "({prompt_token_ids: [...]}), outputs carry token_ids and empty text; stop strings and constraints need one")
     freeze_gc: bool = Field(
         True,
         description="after loading, move every live object to the garbage collector's permanent generation "
@@ -66,3 +69,12 @@ class EngineConfig(BaseModel):
         if n <= 0:
             raise ValueError("must be positive")
         return n
+
+
+def _register() -> None:
+    from framework.names import register_fields
+
+    register_fields("EngineConfig", EngineConfig.model_fields)
+
+
+_register()

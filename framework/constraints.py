@@ -47,10 +47,18 @@ from framework.hookspecs import Register, hookimpl
 from framework.processors import ProcessorSetup, RequestInfo, Stage, StepContext
 from framework.sampling_params import SamplingParams
 
-__all__ = ["ConstraintHandle", "ConstraintProcessor", "PROCESSOR_NAME", "DEFAULT_TIMEOUT_S", "bitmask_apply"]
+__all__ = [
+    "ConstraintHandle", "ConstraintProcessor", "PROCESSOR_NAME", "DEFAULT_TIMEOUT_S", "bitmask_apply",
+    "constraint_handle", "wait_for_constraints",
+]  # fmt: skip
 
 PROCESSOR_NAME = "constraint"
 """Name the constraint processor is registered under (``register_logits_processors``)."""
+
+BUDGET_LOOKAHEAD = 16
+"""In a request's last this many tokens (``max_tokens``), the constraint mask drops the tokens
+after which the grammar cannot be completed in time, where that is cheap to prove (the state's
+``mask_within``): a budget that fits ``"alpha"`` is not spent on ``"al`` ``p`` ``h``."""
 
 DEFAULT_TIMEOUT_S = 30.0
 """Time limit of a compilation whose factory does not set its own (``factory.timeout_s``)."""
@@ -107,6 +115,35 @@ class ConstraintHandle:
         return self.future.result(timeout=0)
 
 
+def constraint_handle(request: Any) -> ConstraintHandle | None:
+    """The :class:`ConstraintHandle` of an accepted request (a ``framework.sequence.Request``),
+    or None when it has no constraint."""
+    for use in getattr(request, "processors", ()):
+        if use.name == PROCESSOR_NAME and isinstance(use.params, ConstraintHandle):
+            return use.params
+    return None
+
+
+def wait_for_constraints(requests: Iterable[Any]) -> None:
+    """Wait until the constraints of ``requests`` (accepted by ``LLMEngine.add_request``) are
+    compiled; raise :class:`~framework.errors.InvalidRequestError` with the compiler's message
+    (the rule, terminal or JSON pointer at fault) for the first that failed or ran past its time
+    limit. The offline API calls this before stepping, so every constraint error reaches the
+    caller the same way, whether the cheap checks at admission or the compilation found it."""
+    from framework.errors import InvalidRequestError
+
+    for req in requests:
+        handle = constraint_handle(req)
+        if handle is None:
+            continue
+        remaining = handle.deadline - time.monotonic()
+        if remaining > 0:
+            concurrent.futures.wait([handle.future], timeout=remaining)
+        err = handle.error() if handle.done() else f"{handle.name}: compilation did not finish in time"
+        if err is not None:
+            raise InvalidRequestError(f"constraint: {err}")
+
+
 def _run_all(fns: list) -> None:
     for f in fns:
         f()
@@ -137,6 +174,7 @@ class ConstraintProcessor:
         self.setup = setup
         self.pm: Any = None
         self.states: dict[int, Any] = {}
+        self._max_tokens: dict[int, int] = {}  # slot -> the request's max_tokens (budget-aware ends)
         self._bitmask: torch.Tensor | None = None
         self._pending: concurrent.futures.Future | None = None  # masks being prefetched
         self.prefetch_enabled = False  # engine.constraint_prefetch: masks on a worker thread during the forward
@@ -204,17 +242,17 @@ class ConstraintProcessor:
         if submit is not None:
             fut = submit(tok, raw)
         else:
-            options = self._validate(reg, raw)
+            options = self._validate(name, reg.params, raw)
             fut = _pool().submit(reg.factory, tok, **options)
         # the compiler enforces its own limit; this one only guards against a compiler that hangs
         return ConstraintHandle(name, raw, fut, time.monotonic() + timeout + 5.0)
 
     @staticmethod
-    def _validate(reg: Any, raw: Any) -> dict[str, Any]:
+    def _validate(name: str, model: Any, raw: Any) -> dict[str, Any]:
         from framework.plugins import validate_plugin_options
 
-        options = validate_plugin_options(reg, raw)
-        return dict(options) if isinstance(options, dict) else options.model_dump(by_alias=True)
+        validated = validate_plugin_options(name, model, raw)  # PluginOptionsError is a ValueError
+        return validated if model is None else validated.model_dump(by_alias=True)
 
     # -- per sequence -----------------------------------------------------------------------
     def add_request(self, slot: int, handle: ConstraintHandle, request: RequestInfo) -> None:
@@ -227,10 +265,12 @@ class ConstraintProcessor:
             if not state.advance(int(tok)):
                 raise ConstraintError(f"{handle.name}: replaying output token {k} (id {tok}) was refused by the grammar")
         self.states[slot] = state
+        self._max_tokens[slot] = int(getattr(request.sampling, "max_tokens", 0) or 0)
 
     def remove(self, slot: int) -> None:
         self.wait()
         self.states.pop(slot, None)
+        self._max_tokens.pop(slot, None)
 
     def fork(self, src: int, dst: int) -> None:
         self.wait()
@@ -239,6 +279,8 @@ class ConstraintProcessor:
         if copy is None:  # the chain then rebuilds the fork from its tokens
             raise NotImplementedError("constraint state has no copy()")
         self.states[dst] = copy()
+        if src in self._max_tokens:
+            self._max_tokens[dst] = self._max_tokens[src]
 
     def extend(self, slot: int, tokens: list[int], request: RequestInfo) -> None:
         """Advance through tokens appended without sampling (forced, accepted drafts)."""
@@ -297,6 +339,7 @@ class ConstraintProcessor:
         words = (self.setup.tokenizer.vocab_size + 31) // 32 if self.setup.tokenizer is not None else (logits.shape[1] + 31) // 32
         bm = self._buffer(len(ctx), words)
         self.fill(ctx.slots, bm)
+        self._fit_budgets(ctx, bm, words)
         # rows the earlier stages left with nothing allowed (say min_tokens banned EOS where the
         # grammar allows only EOS): the grammar wins, uniformly over what it allows
         bitmask_apply(logits, bm)
@@ -307,6 +350,21 @@ class ConstraintProcessor:
             bitmask_apply(sub, bm.index_select(0, rows.cpu()))
             logits.index_copy_(0, rows, sub)
         return logits
+
+    def _fit_budgets(self, ctx: StepContext, bm: torch.Tensor, words: int) -> None:
+        """Rows in their last :data:`BUDGET_LOOKAHEAD` tokens: the state's ``mask_within``
+        (tokens that can still complete the grammar in time), where it is known."""
+        import numpy as np
+
+        for i, slot in enumerate(ctx.slots):
+            left = self._max_tokens.get(slot, 0) - ctx.num_output_tokens(i)
+            if not 0 < left <= BUDGET_LOOKAHEAD:
+                continue
+            within = getattr(self.states[slot], "mask_within", None)
+            m = within(left) if within is not None else None
+            if m is not None:
+                row = np.frombuffer(m.to_bytes(bm.shape[1] * 4, "little"), dtype=np.int32)
+                bm[i] = torch.from_numpy(row.copy())
 
     def on_tokens(self, ctx: StepContext, tokens: torch.Tensor) -> None:
         self.wait()

@@ -77,7 +77,7 @@ class LLMEngine:
         self.model, self.model_config, self.model_dir = load_model(model, config.dtype, self.device, self.pm)
         self.dtype = self.model.dtype
         self.tokenizer = None
-        if not skip_tokenizer_init:
+        if not (skip_tokenizer_init or config.skip_tokenizer_init):
             from framework.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(self.model_dir, config.tokenizer, self.pm)
@@ -150,7 +150,7 @@ class LLMEngine:
         (name, options), = (ref.items() if isinstance(ref, dict) else [(ref, None)])
         try:
             reg = self.pm.get("kv_policy", name)
-            opts = validate_plugin_options(reg, options, f"engine.kv_policy.{name}")
+            opts = validate_plugin_options(f"kv_policy {name}", reg.params, options)
         except (ValueError, PluginError) as exc:
             raise ConfigError(str(exc)) from None
         return reg.factory(**(opts if isinstance(opts, dict) else opts.model_dump()))
@@ -161,7 +161,7 @@ class LLMEngine:
         (name, options), = (ref.items() if isinstance(ref, dict) else [(ref, None)])
         try:
             reg = self.pm.get("drafter", name)
-            return reg.factory(self.processors.setup, validate_plugin_options(reg, options, f"drafter {name}"))
+            return reg.factory(self.processors.setup, validate_plugin_options(f"drafter {name}", reg.params, options))
         except (ValueError, PluginError) as exc:
             raise ConfigError(str(exc)) from None
 
@@ -270,7 +270,7 @@ class LLMEngine:
             raise InvalidRequestError(unknown_name_message("reranker", name, registry.names()))
         reg = registry.get(name)
         try:
-            opts = validate_plugin_options(reg, options, f"reranker {name}")
+            opts = validate_plugin_options(f"reranker {name}", reg.params, options)
             inst = self._rerankers.get(name)
             if inst is None:
                 inst = self._rerankers[name] = reg.factory(self.processors.setup)

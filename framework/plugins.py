@@ -45,6 +45,21 @@ KINDS: dict[str, str] = {
     "route": "register_routes",
 }
 
+_KIND_ALIASES = {"processor": "logits_processor", "logits_processors": "logits_processor", "guidance": "logits_processor"}
+
+
+def normalize_kind(kind: str) -> str | None:
+    """A kind as people write it (``logits-processor``, ``processors``, ``Constraints``) -> the
+    registry's name (``logits_processor``, ``constraint``); None if it is no kind."""
+    k = kind.strip().lower().replace("-", "_").replace(" ", "_")
+    for cand in (k, k[:-1] if k.endswith("s") else k):
+        if cand in KINDS:
+            return cand
+        if cand in _KIND_ALIASES:
+            return _KIND_ALIASES[cand]
+    return None
+
+
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.tokenizers",
     "framework.models",
@@ -102,42 +117,72 @@ class Registry:
         return list(self.entries)
 
 
+class PluginOptionsError(PluginError, ValueError):
+    """A plugin's options do not validate against its Params model.
+
+    ``errors`` lists ``(loc, message)`` pairs (``loc``: the field path inside the options, a
+    tuple; empty for a problem with the options as a whole), so callers can point at the field
+    (a spec's file:line, a server request's ``param``); ``str()`` is one line naming the plugin.
+    """
+
+    def __init__(self, name: str, errors: list[tuple[tuple, str]]):
+        self.name = name
+        self.errors = errors
+        parts = [f"{'.'.join(map(str, loc))}: {msg}" if loc else msg for loc, msg in errors]
+        super().__init__(f"invalid {name} params: " + "; ".join(parts))
+
+
+def validate_plugin_options(name: str, params: type | None, options: Any, *, context: dict[str, Any] | None = None) -> Any:
+    """Validate a plugin's ``options`` as every entry point does (spec sections, SamplingParams
+    ``processors`` and ``constraint``, server request fields): the one place shorthand lives.
+
+    * ``None`` means default options (``{}``).
+    * With a Params model (``params``): a value that is not a mapping is the shorthand for
+      ``{params.__shorthand__: value}`` (``regex: "a+"`` is ``{pattern: "a+"}``); a model
+      without a shorthand needs a mapping. Returns the validated model instance (``context``
+      goes to pydantic validators, e.g. ``{"base_dir": ...}`` for :data:`framework.spec.SpecPath`).
+    * Without one: the options must be a mapping, returned as a dict.
+
+    Raises:
+        PluginOptionsError: naming the plugin and, per problem, the field path.
+    """
+    from pydantic import ValidationError
+
+    if options is None:
+        options = {}
+    if params is None:
+        if not isinstance(options, dict):
+            raise PluginOptionsError(name, [((), f"options of {name!r} must be a mapping")])
+        return dict(options)
+    if not isinstance(options, dict):
+        short = getattr(params, "__shorthand__", None)
+        if short is None:
+            raise PluginOptionsError(name, [((), f"options of {name!r} must be a mapping")])
+        options = {short: options}
+    try:
+        return params.model_validate(options, context=context)  # type: ignore[attr-defined]
+    except ValidationError as exc:
+        from framework.names import field_hint
+
+        errors = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            if err["type"] == "extra_forbidden":
+                known = getattr(params, "model_fields", {})
+                msg = "unknown field" + (field_hint(str(loc[-1]), known) if len(loc) == 1 else "")
+            elif err["type"] == "missing":
+                msg = "Field required"
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+            errors.append((loc, msg))
+        raise PluginOptionsError(name, errors) from None
+
+
 def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
     """``unknown sampler 'gredy'; did you mean 'greedy'?`` — shared by every registry lookup."""
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else f" (registered: {', '.join(sorted(known)) or 'none'})"
     return f"unknown {kind.replace('_', ' ')} {name!r}{hint}"
-
-
-def validate_plugin_options(reg: Registration, raw: Any, what: str | None = None, context: dict | None = None) -> Any:
-    """A plugin's options validated against the pydantic ``params`` model it registered.
-
-    ``raw`` is a mapping of options, ``None`` (defaults), or — when the model names a
-    ``__shorthand__`` field — a bare value for that field (``{"regex": "[0-9]+"}``). Returns the
-    model instance (or the raw mapping when the plugin registered no model). Raises
-    ``ValueError`` with every problem, prefixed by ``what`` (default: the plugin's name).
-    """
-    from pydantic import ValidationError
-
-    from framework.sampling_params import format_validation_error
-
-    what = what or f"{reg.name} params"
-    model = reg.params
-    if model is None:
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{what}: options must be a mapping")
-        return raw
-    if raw is not None and not isinstance(raw, dict):
-        short = getattr(model, "__shorthand__", None)
-        if short is None:
-            raise ValueError(f"{what}: options must be a mapping")
-        raw = {short: raw}
-    try:
-        return model.model_validate(raw or {}, context=context)
-    except ValidationError as exc:
-        raise ValueError(format_validation_error(exc, what)) from None
 
 
 class PluginManager:
@@ -154,6 +199,7 @@ class PluginManager:
             self._load_entry_points()
         for plugin in extra_plugins or []:
             self.pm.register(plugin)
+        self._check_hook_names()
         self.registries: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
         for kind, hook_name in KINDS.items():
             self._collect(kind, hook_name)
@@ -181,6 +227,22 @@ class PluginManager:
                 raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
             self.pm.register(module, name=ep.name)
 
+    def _check_hook_names(self) -> None:
+        """A ``@hookimpl`` whose name is no hook (``register_sampler`` for ``register_samplers``)
+        would silently never run: refuse it, naming the plugin and the nearest hook."""
+        hooks = list(hookspecs.HOOK_NAMES)
+        for name in self.pm.hook.__dict__:
+            caller = getattr(self.pm.hook, name)
+            if caller.spec is not None:
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.optionalhook:
+                    continue
+                close = difflib.get_close_matches(name, hooks, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (hooks: {', '.join(sorted(hooks))})"
+                raise PluginError(f"plugin {impl.plugin_name!r} implements {name!r}, which is not a decodekit hook{hint}")
+        self.pm.check_pending()  # whatever the loop above did not explain
+
     def _collect(self, kind: str, hook_name: str) -> None:
         hook = getattr(self.pm.hook, hook_name)
         registry = self.registries[kind]
@@ -193,7 +255,13 @@ class PluginManager:
                     raise PluginError(f"plugin {_src!r} registered a {kind} with an invalid name {name!r}")
                 registry.add(Registration(kind, name, factory, _src, params))
 
-            impl.function(register=register)
+            try:
+                impl.function(register=register)
+            except PluginError:
+                raise
+            except Exception as exc:  # a broken plugin must say who it is
+                raise PluginError(f"plugin {source!r} failed in {hook_name}: {type(exc).__name__}: {exc} "
+                                  "(DECODEKIT_PLUGINS=name,... loads only the plugins named)") from exc
 
     def _enable_tracing(self) -> None:
         def before(hook_name: str, impls: Any, kwargs: dict) -> None:
@@ -220,11 +288,24 @@ class PluginManager:
         if not self.listens.get(hook_name):
             return
         t0 = time.perf_counter()
+        hook = getattr(self.pm.hook, hook_name)
         try:
-            getattr(self.pm.hook, hook_name)(**kwargs)
-        except Exception:  # an observer must never take the engine down
-            logger.exception("plugin hook %s raised", hook_name)
+            hook(**kwargs)
+        except Exception as exc:  # an observer must never take the engine down
+            logger.exception("plugin %r raised in %s: %s", _culprit(hook, exc), hook_name, exc)
         logger.debug("%s took %.1f us", hook_name, (time.perf_counter() - t0) * 1e6)
+
+
+def _culprit(hook: Any, exc: BaseException) -> str:
+    """The name of the plugin whose implementation of ``hook`` raised ``exc`` (from the
+    traceback), or ``"?"``."""
+    codes = {impl.function.__code__: impl.plugin_name for impl in hook.get_hookimpls()}
+    tb = exc.__traceback__
+    name = "?"
+    while tb is not None:
+        name = codes.get(tb.tb_frame.f_code, name)
+        tb = tb.tb_next
+    return name
 
 
 _MANAGER: PluginManager | None = None

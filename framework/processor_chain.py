@@ -108,7 +108,7 @@ class ProcessorChain:
             if name in uses:
                 raise InvalidRequestError(f"processor {name!r} is set twice (by a sampling field, or twice in processors)")
             try:
-                options = validate_plugin_options(self.registry.get(name), options, f"{name} params")
+                options = validate_plugin_options(name, self.registry.get(name).params, options)
             except ValueError as exc:
                 raise InvalidRequestError(str(exc)) from None
             uses[name] = options

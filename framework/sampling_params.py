@@ -11,12 +11,19 @@ from framework.errors import InvalidRequestError
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
-def format_validation_error(exc: ValidationError, what: str) -> str:
-    """``invalid sampling params: top_p: Input should be less than or equal to 1``."""
+def format_validation_error(exc: ValidationError, what: str, model: type[BaseModel] | None = None) -> str:
+    """``invalid sampling params: top_p: Input should be less than or equal to 1``. An unknown
+    top-level field gets a did-you-mean against ``model``'s fields (default: the fields
+    registered for the model the error is about, :func:`framework.names.register_fields`)."""
+    from framework.names import field_hint, known_fields
+
+    known = tuple(model.model_fields) if model is not None else known_fields(exc.title)
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"])
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field" + (field_hint(str(err["loc"][-1]), known) if len(err["loc"]) == 1 else "")
         if err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
@@ -236,3 +243,12 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _register() -> None:
+    from framework.names import register_fields
+
+    register_fields("SamplingParams", SamplingParams.model_fields)
+
+
+_register()

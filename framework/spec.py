@@ -52,6 +52,28 @@ class PluginRef(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+COUNT_FIELDS = ("n", "num_return_sequences")
+"""Sampling fields that set how many completions a request returns. A spec's ``sampling`` values
+for them apply to ``decodekit run`` and :class:`~framework.pipeline.Pipeline` calls, not to server
+requests, which return one completion unless they ask (OpenAI's default) or the spec's
+``server.sampling`` says otherwise."""
+
+
+class ServerSection(BaseModel):
+    """Defaults for requests to ``decodekit serve``, over the spec's ``sampling``.
+
+    A server request takes every field it leaves out from the spec's ``sampling`` section,
+    except those that set how many completions it returns (``n``, ``num_return_sequences``):
+    those default to 1, as in OpenAI's API, unless set here. ``server: {sampling: {n: 2}}``
+    makes every request return two completions unless it gives its own ``n``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    sampling: dict[str, Any] = Field(default_factory=dict, description="SamplingParams fields for server "
+                                     "requests, over the spec's sampling (e.g. {n: 2})")
+
+
 class PipelineSpec(BaseModel):
     """A pipeline: what to load and how to decode. Every section but ``model`` is optional."""
 
@@ -68,6 +90,7 @@ class PipelineSpec(BaseModel):
     constraint: dict[str, Any] | str | None = Field(None, description="one registered constraint")
     reranker: dict[str, Any] | str | None = Field(None, description="one registered reranker")
     drafter: dict[str, Any] | str | None = Field(None, description="one registered drafter")
+    server: ServerSection | None = Field(None, description="defaults for server requests (n ...), over sampling")
 
 
 @dataclass(slots=True)
@@ -131,13 +154,94 @@ class _Located:
         return SpecIssue(_fmt_path(path), message, line, col)
 
 
-def _error_message(err: dict) -> str:
+def _section_fields() -> dict[str, tuple[str, ...]]:
+    spec_keys = tuple(PipelineSpec.model_fields)
+    sampling = tuple(k for k in SamplingParams.model_fields if k not in ("processors", "constraint"))
+    return {"": spec_keys, "engine": tuple(EngineConfig.model_fields), "sampling": sampling}
+
+
+def _error_message(err: dict, path: tuple = ()) -> str:
+    """pydantic's message for a spec error; an unknown key gets a did-you-mean against its
+    section's fields (and says so when it belongs in another section)."""
     if err["type"] == "extra_forbidden":
-        return "unknown field"
+        from framework.names import field_hint
+
+        sections = _section_fields()
+        where = "sampling" if path[:1] == ("server",) else (str(path[0]) if len(path) == 2 else "")
+        if len(path) not in (1, 2, 3) or where not in sections:
+            return "unknown field"
+        others = {k or "top level": v for k, v in sections.items() if k != where and k != ""}
+        return "unknown field" + field_hint(str(path[-1]), sections[where], others)
     if err["type"] == "missing":
         return "field required"
     msg = err["msg"]
     return msg.removeprefix("Value error, ")
+
+
+def _duplicate_keys(node: yaml.Node | None, path: tuple = ()) -> list[SpecIssue]:
+    """Keys given twice in one mapping (YAML loaders keep the last silently: a second
+    ``sampling:`` would replace the first), at the line of the repeat."""
+    out: list[SpecIssue] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+            line = k.start_mark.line + 1
+            if key in first:
+                out.append(SpecIssue(_fmt_path(path + (key,)), f"duplicate key {key!r} (first given on line "
+                                     f"{first[key]}; YAML would keep only this one)", line, k.start_mark.column + 1))
+            else:
+                first[key] = line
+            out += _duplicate_keys(v, path + (key,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += _duplicate_keys(item, path + (i,))
+    return out
+
+
+def _check_sampling(section: tuple, sampling: dict[str, Any], loc: "_Located", issues: list[SpecIssue]) -> None:
+    """A ``sampling`` section (or ``server.sampling``) as SamplingParams fields."""
+    for key in ("processors", "constraint", "reranker"):
+        if key in sampling:
+            issues.append(loc.issue(section + (key,), f"give {key} as a top-level section of the spec"))
+    try:
+        SamplingParams.model_validate({k: v for k, v in sampling.items() if k not in ("processors", "constraint", "reranker")})
+    except ValidationError as exc:
+        errors = exc.errors()
+        inner = errors[0].get("ctx", {}).get("error") if len(errors) == 1 else None
+        errors = getattr(inner, "validation_errors", None) or errors
+        for err in errors:
+            p = section + tuple(err["loc"])
+            issues.append(loc.issue(p, _error_message(err, p), value=err["type"] not in ("extra_forbidden", "missing")))
+
+
+def _check_processors_twice(processors: list[tuple[int, "PluginRef"]], sampling: dict[str, Any], pm: Any,
+                            loc: "_Located", issues: list[SpecIssue]) -> None:
+    """A processor named twice in ``processors``, or named there and also turned on by a
+    sampling field (``sampling.top_k`` and ``processors: [top_k: ...]``): the engine refuses
+    such a request, so the spec is refused first."""
+    registry = pm.registry("logits_processor")
+    derived: dict[str, str] = {}
+    for key, value in sampling.items():
+        if key in ("processors", "constraint", "reranker"):
+            continue
+        try:
+            one = SamplingParams(**{key: value})
+        except Exception:  # noqa: BLE001 - reported by _check_sampling
+            continue
+        for reg in registry:
+            derive = getattr(reg.factory, "from_sampling_params", None)
+            if derive is not None and reg.name not in derived and derive(one) is not None:
+                derived[reg.name] = key
+    seen: dict[str, int] = {}
+    for i, ref in processors:
+        if ref.name in seen:
+            issues.append(loc.issue(("processors", i, ref.name), f"processor {ref.name!r} is listed twice "
+                                    f"(first as processors[{seen[ref.name]}])"))
+        elif ref.name in derived:
+            issues.append(loc.issue(("processors", i, ref.name), f"processor {ref.name!r} is set twice: also by "
+                                    f"sampling.{derived[ref.name]} (give it in one place)"))
+        seen.setdefault(ref.name, i)
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -157,7 +261,17 @@ class LoadedSpec:
 
     def sampling_params(self, **overrides: Any) -> SamplingParams:
         """SamplingParams from the spec's ``sampling`` and processors, with per-call overrides."""
-        fields = dict(self.spec.sampling)
+        return self._params(dict(self.spec.sampling), overrides)
+
+    def server_sampling_params(self, **overrides: Any) -> SamplingParams:
+        """SamplingParams for a server request: the spec's ``sampling`` without the fields in
+        :data:`COUNT_FIELDS`, then the spec's ``server.sampling``, then the request's fields."""
+        fields = {k: v for k, v in self.spec.sampling.items() if k not in COUNT_FIELDS}
+        if self.spec.server is not None:
+            fields.update(self.spec.server.sampling)
+        return self._params(fields, overrides)
+
+    def _params(self, fields: dict[str, Any], overrides: dict[str, Any]) -> SamplingParams:
         fields["processors"] = [{p.name: p.options} for p in self.processors]
         if self.constraint is not None and "constraint" in SamplingParams.model_fields:
             fields["constraint"] = {self.constraint.name: self.constraint.options}
@@ -199,20 +313,22 @@ def load_spec(path: str | os.PathLike, *, plugin_manager=None, text: str | None 
     loc = _Located(_marks(node) if node is not None else {})
     if not isinstance(data, dict):
         raise SpecError(source, [loc.issue((), "a spec is a mapping with at least a 'model' key")])
-    issues: list[SpecIssue] = []
+    issues: list[SpecIssue] = _duplicate_keys(node)
     spec: PipelineSpec | None = None
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:  # report it, and go on checking what can be checked
         for err in exc.errors():
             p = tuple(err["loc"])
-            issues.append(loc.issue(p, _error_message(err), value=err["type"] not in ("extra_forbidden", "missing")))
+            if p[:2] == ("server", "sampling"):
+                continue  # checked as SamplingParams below
+            issues.append(loc.issue(p, _error_message(err, p), value=err["type"] not in ("extra_forbidden", "missing")))
     model_ref = data.get("model") if isinstance(data.get("model"), str) else None
     aliases = data.get("models") if isinstance(data.get("models"), dict) else {}
     sampling = data.get("sampling") if isinstance(data.get("sampling"), dict) else {}
     raw_processors = data.get("processors") if isinstance(data.get("processors"), list) else []
 
-    from framework.plugins import get_plugin_manager, unknown_name_message
+    from framework.plugins import PluginOptionsError, get_plugin_manager, unknown_name_message, validate_plugin_options
 
     pm = plugin_manager or get_plugin_manager()
     base_dir = path.resolve().parent
@@ -229,18 +345,10 @@ def load_spec(path: str | os.PathLike, *, plugin_manager=None, text: str | None 
             issues.append(loc.issue(("models", alias), unknown_name_message("model", ref, names) + " (and no such directory)", value=True))
 
     # sampling: validated as SamplingParams (its processors come from the processors section)
-    for key in ("processors", "constraint", "reranker"):
-        if key in sampling:
-            issues.append(loc.issue(("sampling", key), f"give {key} as a top-level section of the spec"))
-    try:
-        SamplingParams.model_validate({k: v for k, v in sampling.items() if k not in ("processors", "constraint", "reranker")})
-    except ValidationError as exc:
-        errors = exc.errors()
-        inner = errors[0].get("ctx", {}).get("error") if len(errors) == 1 else None
-        errors = getattr(inner, "validation_errors", None) or errors
-        for err in errors:
-            p = ("sampling",) + tuple(err["loc"])
-            issues.append(loc.issue(p, _error_message(err), value=err["type"] not in ("extra_forbidden", "missing")))
+    _check_sampling(("sampling",), sampling, loc, issues)
+    server = data.get("server") if isinstance(data.get("server"), dict) else {}
+    if isinstance(server.get("sampling"), dict):
+        _check_sampling(("server", "sampling"), server["sampling"], loc, issues)
 
     def check_ref(raw: Any, p: tuple, section: str) -> PluginRef | None:
         kind = SECTION_KINDS[section]
@@ -254,28 +362,19 @@ def load_spec(path: str | os.PathLike, *, plugin_manager=None, text: str | None 
             issues.append(loc.issue(p + (name,), unknown_name_message(kind, name, registry.names())))
             return None
         reg = registry.get(name)
-        params_model = reg.params
-        if params_model is not None:
-            if not isinstance(opts, dict):
-                short = getattr(params_model, "__shorthand__", None)
-                if short is None:
-                    issues.append(loc.issue(p + (name,), f"options of {name!r} must be a mapping", value=True))
-                    return None
-                opts = {short: opts}
-            try:
-                validated = params_model.model_validate(opts, context=ctx)
-            except ValidationError as exc:
-                for err in exc.errors():
-                    ep = p + (name,) + tuple(err["loc"])
-                    issues.append(loc.issue(ep, _error_message(err), value=err["type"] not in ("extra_forbidden", "missing")))
-                return None
-            opts = json.loads(validated.model_dump_json(exclude_unset=True))
-        elif not isinstance(opts, dict):
-            issues.append(loc.issue(p + (name,), f"options of {name!r} must be a mapping", value=True))
+        try:
+            validated = validate_plugin_options(name, reg.params, opts, context=ctx)
+        except PluginOptionsError as exc:
+            for eloc, msg in exc.errors:
+                msg = "field required" if msg == "Field required" else msg
+                issues.append(loc.issue(p + (name,) + eloc, msg, value=not msg.startswith(("unknown field", "field required"))))
             return None
+        opts = validated if reg.params is None else json.loads(validated.model_dump_json(exclude_unset=True))
         return PluginRef(name=name, options=opts)
 
-    processors = [r for i, raw in enumerate(raw_processors) if (r := check_ref(raw, ("processors", i), "processors"))]
+    indexed = [(i, r) for i, raw in enumerate(raw_processors) if (r := check_ref(raw, ("processors", i), "processors"))]
+    _check_processors_twice(indexed, sampling, pm, loc, issues)
+    processors = [r for _, r in indexed]
     refs = {}
     for section in ("constraint", "reranker", "drafter"):
         raw = data.get(section)
@@ -297,122 +396,16 @@ def _resolve_model(ref: str, base_dir: Path, pm) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------------ schema
+# ------------------------------------------------------------------------------------ schema, docs
 def spec_json_schema(plugin_manager=None) -> dict[str, Any]:
-    """JSON Schema of a spec for editor completion, with every registered plugin's options."""
-    from framework.plugins import get_plugin_manager
+    """JSON Schema of a spec for editor completion (see :mod:`framework.spec_schema`)."""
+    from framework.spec_schema import spec_json_schema as build
 
-    pm = plugin_manager or get_plugin_manager()
-    schema = PipelineSpec.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "decodekit pipeline spec"
-    props = schema["properties"]
-    sp = SamplingParams.model_json_schema()
-    sp_props = {k: v for k, v in sp.get("properties", {}).items() if k not in ("processors", "constraint", "reranker")}
-    props["sampling"] = {"type": "object", "description": "SamplingParams fields", "properties": sp_props, "additionalProperties": False}
-    defs = schema.setdefault("$defs", {})
-    defs.update(sp.get("$defs", {}))
-
-    def one_of(kind: str) -> dict[str, Any]:
-        options = []
-        for reg in pm.registry(kind):
-            if reg.params is not None:
-                ps = reg.params.model_json_schema()
-                defs.update(ps.pop("$defs", {}))
-            else:
-                ps = {"type": "object"}
-            options.append({"type": "object", "properties": {reg.name: ps}, "required": [reg.name], "additionalProperties": False})
-            options.append({"const": reg.name})
-        return {"anyOf": options} if options else {"not": {}}
-
-    props["processors"] = {"type": "array", "items": one_of("logits_processor"), "description": "logits processors, in order"}
-    for section in ("constraint", "reranker", "drafter"):
-        props[section] = {"anyOf": [one_of(SECTION_KINDS[section]), {"type": "null"}], "description": f"one registered {section}"}
-    return schema
-
-
-# ------------------------------------------------------------------------------------ docs
-def _field_rows(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]:
-    rows = ["| field | type | default | description |", "|---|---|---|---|"]
-    for name, f in model.model_fields.items():
-        if name in skip:
-            continue
-        ann = f.annotation
-        ann_s = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
-        if f.is_required():
-            default = "required"
-        else:
-            value = f.default_factory() if f.default_factory is not None else f.default
-            default = "see below" if isinstance(value, BaseModel) else f"`{value!r}`"
-        desc = (f.description or "").replace("\n", " ")
-        cells = [f"`{name}`", f"`{ann_s}`", default, desc]
-        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return rows
+    return build(plugin_manager)
 
 
 def reference_markdown(plugin_manager=None) -> str:
-    """The spec reference (docs/pipelines.md), generated from the pydantic models and the
-    built-in plugins' Params models. ``python tools/gen_docs.py`` rewrites the file."""
-    from framework.plugins import PluginManager
+    """docs/pipelines.md (see :mod:`framework.spec_schema`)."""
+    from framework.spec_schema import reference_markdown as build
 
-    pm = plugin_manager or PluginManager(load_entry_points=False)
-    out = [
-        "# Pipeline spec reference",
-        "",
-        "<!-- generated by `python tools/gen_docs.py` from framework/spec.py and the plugins' Params",
-        "     models; tests/test_spec.py fails when this file is out of date. Do not edit by hand. -->",
-        "",
-        "A pipeline spec is a YAML file (read with a safe loader) that names a model and the decoding",
-        "recipe. `decodekit validate SPEC` checks it without loading models; `decodekit schema` prints",
-        "its JSON Schema for editor completion. Paths are relative to the spec file. Errors name the",
-        "file, line and column and the field path, e.g.",
-        "`spec.yaml:4:5: processors[1].fudg: unknown logits processor 'fudg'; did you mean 'fudge'?`.",
-        "",
-        "```yaml",
-        "model: demo                      # a registered name or a local Hugging Face directory",
-        "models: {draft: demo-draft}      # auxiliary models by alias",
-        "engine: {max_num_seqs: 32}",
-        "sampling: {temperature: 0.8, top_p: 0.95, max_tokens: 64, seed: 0}",
-        "processors:",
-        "  - repetition_penalty: {penalty: 1.1}",
-        "  - no_repeat_ngram: {size: 3}",
-        "```",
-        "",
-        "Plugin sections (`processors` items, `constraint`, `reranker`, `drafter`) are a one-key",
-        "mapping `{name: {options}}` or just `name` for default options. Processors run by stage",
-        "(bias, penalties, bans, guidance, constraint, temperature, truncation); guidance processors",
-        "(FUDGE, RAD, contrastive, third-party ones) run in the order this list gives them, the",
-        "others in their stage's fixed order, so a request's output never depends on its batch",
-        "neighbours. `models:` aliases name companion models that plugin options can refer to;",
-        "they are loaded with the main model and share its KV budget.",
-        "",
-        "## Top-level keys",
-        "",
-        *_field_rows(PipelineSpec),
-        "",
-        "## `engine`",
-        "",
-        *_field_rows(EngineConfig),
-        "",
-        "## `sampling`",
-        "",
-        *_field_rows(SamplingParams, skip=("processors", "constraint", "reranker")),
-        "",
-    ]
-    titles = {"logits_processor": "`processors`", "constraint": "`constraint`", "reranker": "`reranker`", "drafter": "`drafter`"}
-    for kind, title in titles.items():
-        out += [f"## {title}", ""]
-        regs = list(pm.registry(kind))
-        if not regs:
-            out += ["No built-in plugin of this kind yet.", ""]
-        for reg in regs:
-            doc = (getattr(reg.factory, "__doc__", None) or "").strip().split("\n\n")[0].replace("\n", " ")
-            out += [f"### `{reg.name}` ({reg.source})", ""]
-            if doc:
-                out += [doc, ""]
-            if reg.params is not None:
-                short = getattr(reg.params, "__shorthand__", None)
-                if short:
-                    out += [f"A scalar value is shorthand for `{{{short}: value}}`.", ""]
-                out += _field_rows(reg.params) + [""]
-    return "\n".join(out).rstrip() + "\n"
+    return build(plugin_manager)

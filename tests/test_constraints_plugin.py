@@ -35,7 +35,7 @@ def test_shorthand_params():
     assert constraint_params("json_schema", {"type": "object"})["schema"] == {"type": "object"}
     assert constraint_params("json_schema", {"schema": {"type": "string"}, "strict": True})["strict"] is True
     assert constraint_params("grammar", "json")["grammar"] == "json"
-    assert constraint_params("json", None)["whitespace"] == "flexible"
+    assert constraint_params("json", None)["whitespace"] == "compact"  # json.dumps layout by default
 
 
 def test_service_futures_share_and_cache(tmp_path):

@@ -85,7 +85,7 @@ colour: blue
     err = spec_error(p)
     by_path = {it.path: it for it in err.issues}
     assert by_path["engine.max_num_seqs"].line == 3 and "integer" in by_path["engine.max_num_seqs"].message
-    assert by_path["sampling.temprature"].line == 5 and by_path["sampling.temprature"].message == "unknown field"
+    assert by_path["sampling.temprature"].line == 5 and by_path["sampling.temprature"].message == "unknown field; did you mean 'temperature'?"
     assert by_path["colour"].line == 8 and by_path["colour"].message == "unknown field"
     assert by_path["processors[0].repetition_penalty.extra"].message == "unknown field"
     assert "processors[0].repetition_penalty.penalty" in by_path

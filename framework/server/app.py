@@ -1,8 +1,9 @@
 """The FastAPI application: OpenAI routes over an :class:`~framework.async_engine.AsyncEngine`.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics``, plus those plugins register through
-``register_routes``. With an API key, the ``/v1`` and plugin routes need ``Authorization:
+``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics``, vLLM's ``POST /tokenize``,
+``POST /detokenize`` and ``GET /version`` (:mod:`framework.server.utility_routes`), plus those
+plugins register through ``register_routes``. With an API key, the ``/v1`` and plugin routes need ``Authorization:
 Bearer <key>`` (compared in constant time); ``/health`` and ``/metrics`` stay open for probes
 and scrapers.
 """
@@ -345,6 +346,9 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> FastAPI:
         return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
                              "model": state.model_name, "choices": choices, "usage": usage(outs)})
 
+    from framework.server.utility_routes import add_utility_routes
+
+    add_utility_routes(app, state, auth)
     _add_plugin_routes(app, state, auth)
     return app
 

@@ -1,6 +1,8 @@
 """OpenAI request bodies (pydantic) and their mapping onto :class:`SamplingParams`.
 
-Fields a request leaves out take the pipeline spec's ``sampling`` values. Besides OpenAI's own
+Fields a request leaves out take the pipeline spec's ``sampling`` values, except ``n`` and
+``num_return_sequences`` (how many completions come back): those are 1 unless the request or the
+spec's ``server.sampling`` section sets them (:meth:`framework.spec.LoadedSpec.server_sampling_params`). Besides OpenAI's own
 parameters a request may carry *extra body* fields for what OpenAI lacks: the SamplingParams
 fields in :data:`EXTRA_SAMPLING_FIELDS` (``top_k``, ``min_p``, ``repetition_penalty`` ...),
 ``processors`` (registered logits processors, validated against each plugin's Params model),
@@ -19,6 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from framework.errors import InvalidRequestError
 from framework.sampling_params import SamplingParams
+from framework.server.constraint_fields import (
+    ALIAS_FIELDS,
+    CONSTRAINT_FIELDS,
+    IGNORED_ALIAS_FIELDS,
+    requested,
+    resolve,
+)
 from framework.server.errors import bad_request, loc_to_param, not_supported
 
 EXTRA_SAMPLING_FIELDS: frozenset[str] = frozenset({
@@ -41,9 +50,6 @@ _FIELD_PROCESSOR = {
     "typical_p": "typical_p", "epsilon_cutoff": "epsilon_cutoff", "eta_cutoff": "eta_cutoff",
 }
 
-# request fields that select a constraint plugin (at most one per request)
-CONSTRAINT_FIELDS = ("response_format", "grammar", "regex", "choice")
-_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a shipped grammar's name (grammars/NAME.lark)
 _CONSTRAINT_PROCESSOR = "constraint"  # the logits processor that runs constraints (framework/constraints.py)
 
 
@@ -125,13 +131,32 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
         param = loc_to_param(err["loc"][:1]) if err["type"] == "missing" else loc_to_param(err["loc"])
         if err["type"] == "missing":
             msg = f"{param}: field required"
+        elif err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            raise bad_request(_unknown_field(param, model), param=param, code="unknown_parameter") from None
         else:
             msg = f"{param}: {err['msg'].removeprefix('Value error, ')}"
         raise bad_request(msg, param=param) from None
     for key in (req.model_extra or {}):
-        if key not in EXTRA_SAMPLING_FIELDS and key not in IGNORED_FIELDS:
-            raise bad_request(f"unknown field {key!r}", param=key, code="unknown_parameter")
+        if key not in EXTRA_SAMPLING_FIELDS and key not in IGNORED_FIELDS and key not in _ALIASES:
+            raise bad_request(_unknown_field(key, model), param=key, code="unknown_parameter")
     return req
+
+
+_ALIASES = frozenset(ALIAS_FIELDS) | IGNORED_ALIAS_FIELDS | {"guided_whitespace_pattern"}
+
+
+def _unknown_field(key: str, model: type[BaseModel]) -> str:
+    """``unknown field 'max_new_tokens'; decodekit calls it 'max_tokens'`` — against the request's
+    fields; a SamplingParams or engine field that requests cannot set says where it goes."""
+    from framework.config import EngineConfig
+    from framework.names import unknown_field_message
+
+    known = set(model.model_fields) | EXTRA_SAMPLING_FIELDS | set(ALIAS_FIELDS)
+    if key in SamplingParams.model_fields:
+        return f"{key!r} cannot be set per request on this server; set it in the spec's sampling section"
+    if key in EngineConfig.model_fields:
+        return f"{key!r} is an engine option; set it in the spec's engine section"
+    return unknown_field_message(key, known)
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -212,7 +237,7 @@ class ParamsBuilder:
         if req.best_of is not None:
             if "best_of" in SamplingParams.model_fields:
                 over["best_of"] = req.best_of  # the n of best_of samples with the highest cumulative logprob
-            elif req.best_of != (req.n or self.loaded.spec.sampling.get("n", 1)):
+            elif req.best_of != (req.n or self.loaded.server_sampling_params().n):
                 raise not_supported("best_of", "best_of other than n (use a reranker plugin in the spec)")
         if not req.stream and req.stream_options is not None:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
@@ -227,7 +252,7 @@ class ParamsBuilder:
         if req.reranker is not None:
             over["reranker"] = self._plugin_ref("reranker", "reranker", req.reranker)
         try:
-            return self.loaded.sampling_params(**over)
+            return self.loaded.server_sampling_params(**over)
         except InvalidRequestError as exc:
             errors = getattr(exc, "validation_errors", None) or []
             param = loc_to_param(errors[0]["loc"]) if errors and errors[0].get("loc") else None
@@ -245,23 +270,17 @@ class ParamsBuilder:
 
             raise bad_request(unknown_name_message(kind, name, registry.names()), param=param)
         model = registry.get(name).params
-        if model is None:
-            if not isinstance(options, dict):
-                raise bad_request(f"options of {name!r} must be an object", param=param)
-            return options
-        if not isinstance(options, dict):
-            short = getattr(model, "__shorthand__", None)
-            if short is None:
-                raise bad_request(f"options of {name!r} must be an object", param=param)
-            options = {short: options}
+        from framework.plugins import PluginOptionsError, validate_plugin_options
+
         try:
-            validated = model.model_validate(options, context={"base_dir": self.loaded.base_dir, "models": {}})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = loc_to_param(err["loc"])
+            validated = validate_plugin_options(name, model, options, context={"base_dir": self.loaded.base_dir, "models": {}})
+        except PluginOptionsError as exc:
+            loc, msg = exc.errors[0]
+            where = loc_to_param(loc) if loc else ""
             full = f"{param}.{where}" if where else param
-            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             raise bad_request(f"{full}: {msg}", param=full) from None
+        if model is None:
+            return validated
         return json.loads(validated.model_dump_json(exclude_unset=True, by_alias=True))
 
     def _processors(self, req: _CommonRequest, set_fields: set[str]) -> list[dict[str, Any]]:
@@ -309,42 +328,20 @@ class ParamsBuilder:
         return {name: options}
 
     def constraint_for(self, req: _CommonRequest) -> tuple[str, str, dict[str, Any]] | None:
-        """``(request field, constraint name, validated options)`` of the request's constraint."""
-        given = constraint_fields(req)
+        """``(request field, constraint name, validated options)`` of the request's constraint
+        (its own fields or vLLM's aliases, :mod:`framework.server.constraint_fields`)."""
+        given = requested(req)
         if not given:
             return None
         if len(given) > 1:
-            raise bad_request(f"give at most one of {', '.join(CONSTRAINT_FIELDS)} (got {', '.join(given)})", param=given[1])
-        field = given[0]
-        value = getattr(req, field)
-        if field == "response_format":
-            kind = value.get("type")
-            if kind == "json_object":  # OpenAI's JSON mode: a JSON object
-                name, option, arg = "json_schema", "schema", {"type": "object"}
-            elif kind == "json_schema":
-                js = value.get("json_schema")
-                schema = js.get("schema") if isinstance(js, dict) else None
-                if not isinstance(schema, dict):
-                    raise bad_request("response_format.json_schema.schema must be a JSON Schema object", param="response_format.json_schema.schema")
-                name, option, arg = "json_schema", "schema", schema
-            else:
-                raise bad_request(f"response_format.type must be 'text', 'json_object' or 'json_schema', not {kind!r}", param="response_format.type")
-        elif field == "grammar":
-            # a one-line value is a shipped grammar's name or an inline rule; never let a request
-            # make the server read a file (the plugin reads one-line values ending in .lark)
-            one_line = "\n" not in value
-            if one_line and (value.strip().endswith((".lark", ".gbnf")) or (":" not in value and not _NAME.fullmatch(value))):
-                raise bad_request("grammar must be inline lark text or the name of a shipped grammar (not a file path)", param="grammar")
-            name, option, arg = "grammar", "grammar", value
-        elif field == "regex":
-            name, option, arg = "regex", "pattern", value
-        else:
-            if not value:
-                raise bad_request("choice must be a non-empty list of strings", param="choice")
-            name, option, arg = "choice", "choices", value
+            names = [f for f, _ in given]
+            raise bad_request(f"give at most one of {', '.join(CONSTRAINT_FIELDS + ALIAS_FIELDS)} (got {', '.join(names)})",
+                              param=names[1])
+        field, value = given[0]
+        name, option, arg = resolve(field, value)
         if name not in self.pm.registry("constraint"):
             raise not_supported(field, f"{field} (constrained decoding: no {name!r} constraint in this build)")
-        options = {} if option is None else self._fit(name, option, arg)
+        options = self._fit(name, option, arg)
         return field, name, self._validate_options("constraint", name, options, field)
 
     def _fit(self, name: str, option: str, value: Any) -> Any:
@@ -369,12 +366,9 @@ def _first_named(message: str, fields: set[str]) -> str | None:
 
 
 def constraint_fields(req: _CommonRequest) -> list[str]:
-    """The request fields that ask for a constraint (``response_format`` of type text does not)."""
-    given = [f for f in CONSTRAINT_FIELDS if getattr(req, f) is not None]
-    fmt = req.response_format
-    if fmt is not None and fmt.get("type", "text") == "text" and set(fmt) <= {"type"}:
-        given.remove("response_format")
-    return given
+    """The request fields that ask for a constraint (``response_format`` of type text does not;
+    vLLM's ``guided_*`` / ``structured_outputs`` aliases do)."""
+    return [f for f, _ in requested(req)]
 
 
 # ------------------------------------------------------------------------------ chat messages

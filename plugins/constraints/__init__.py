@@ -80,7 +80,9 @@ class JsonSchemaParams(_Params):
     __shorthand__ = "schema"
     schema_: Union[dict[str, Any], bool, str] = Field(alias="schema", description="the schema (object), JSON text, or a path to a .json file")
     strict: bool = Field(False, description="reject unsupported keywords (error naming the JSON pointer) instead of ignoring them with a warning")
-    whitespace: Literal["flexible", "compact"] = "flexible"
+    whitespace: Literal["compact", "minified", "flexible"] = Field(
+        "compact", description="'compact': json.dumps's layout (one space after ':' and ','); 'minified': no whitespace; "
+        "'flexible': up to max_whitespace whitespace characters between any two tokens")
     max_whitespace: int = Field(20, ge=1, le=1000, description="flexible mode: longest whitespace run between two tokens")
     property_order: Literal["any", "schema"] = Field(
         "any", description="'any': object properties in any order, each at most once (objects of up to max_any_order "
@@ -103,8 +105,9 @@ class JsonSchemaParams(_Params):
 class JsonParams(_Params):
     """``json``: any JSON value."""
 
-    whitespace: Literal["flexible", "compact"] = "flexible"
-    max_whitespace: int = Field(20, ge=1, le=1000)
+    whitespace: Literal["compact", "minified", "flexible"] = Field(
+        "compact", description="'compact': json.dumps's layout; 'minified': none; 'flexible': bounded runs anywhere")
+    max_whitespace: int = Field(20, ge=1, le=1000, description="flexible mode: longest whitespace run between two tokens")
 
 
 class RegexParams(_Params):
@@ -128,6 +131,8 @@ class GrammarParams(_Params):
     __shorthand__ = "grammar"
     grammar: str
     start: str = "start"
+    max_whitespace: int = Field(20, ge=1, le=1000, description="longest run of an %ignore'd terminal made only of "
+                                "whitespace (lark's WS is unbounded: a small model could emit whitespace forever)")
 
     @field_validator("grammar", mode="before")
     @classmethod
@@ -225,7 +230,7 @@ def submit_constraint(name: str, tokenizer: Any, params: Any = None) -> "Future[
     """Validate ``params`` now (:func:`constraint_params`, :func:`precheck`; raises
     ConstraintError) and compile in the background: the engine's entry point."""
     p = constraint_params(name, params)
-    key = name + "\0" + json.dumps(p, sort_keys=True, default=str)
+    key = get_compiler().cache.key(name, p, "")  # by content: a schema file that changed is checked again
     if key not in _PRECHECKED:  # the meta-schema check costs milliseconds: once per constraint
         precheck(name, p)
         if len(_PRECHECKED) > 1024:

@@ -32,6 +32,7 @@ class DFA:
 
     trans: np.ndarray  # [n, 256] int32
     accept: np.ndarray  # [n] bool
+    counter: object = None  # plugins.constraints.counted.Counter of a counted repetition, else None
 
     @property
     def size(self) -> int:

@@ -1,6 +1,7 @@
 """Compiled-constraint cache (memory + disk) and the compiler service that compiles off-thread.
 
-Keys are ``sha256(kind, canonical params, tokenizer vocabulary hash, format version)``. The
+Keys hash the kind, the canonical params, the contents of the files they name, the tokenizer's
+vocabulary and the format and decodekit versions (:meth:`ConstraintCache.key`). The
 memory tier holds :class:`CompiledGrammar` objects (LRU); the disk tier, under
 ``$DECODEKIT_CACHE_DIR`` (default ``~/.cache/decodekit``; ``off`` disables it), holds the
 front end's grammar and its terminal automata, so a cold process skips schema conversion, lark
@@ -28,14 +29,15 @@ from typing import Any
 
 from framework.errors import ConstraintError, ConstraintTimeoutError
 from plugins.constraints import automata
-from plugins.constraints.frontends import build_grammar
+from plugins.constraints.frontends import build_grammar, source_files
 from plugins.constraints.lexer import vocab_for
 from plugins.constraints.matcher import CompiledGrammar
+from plugins.constraints.regex import node_key
 
 __all__ = ["ConstraintCache", "CompilerService", "default_cache_dir", "get_compiler", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
-FORMAT_VERSION = "dk-constraints-1"
+FORMAT_VERSION = "dk-constraints-3"
 
 
 def default_cache_dir() -> Path | None:
@@ -44,6 +46,12 @@ def default_cache_dir() -> Path | None:
     if env is not None:
         return None if env.strip().lower() in ("", "off", "none", "0") else Path(env).expanduser()
     return Path.home() / ".cache" / "decodekit"
+
+
+def _engine_version() -> str:
+    from framework import __version__
+
+    return __version__
 
 
 def _canonical(params: dict[str, Any]) -> str:
@@ -61,7 +69,17 @@ class ConstraintCache:
         self.hits = self.misses = self.disk_hits = 0
 
     def key(self, kind: str, params: dict[str, Any], vocab_hash: str) -> str:
-        h = hashlib.sha256(f"{FORMAT_VERSION}\0{kind}\0{_canonical(params)}\0{vocab_hash}".encode())
+        """What decides a compiled constraint: the format and decodekit versions, the kind, the
+        canonical params, the *contents* of every file they name (a schema, grammar file or
+        shipped grammar and its imports: a changed file is a new key, in this process and the
+        next) and the tokenizer's vocabulary hash."""
+        h = hashlib.sha256(f"{FORMAT_VERSION}\0{_engine_version()}\0{kind}\0{_canonical(params)}\0{vocab_hash}".encode())
+        for path in source_files(kind, params):
+            h.update(b"\0file\0" + str(path).encode())
+            try:
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+            except OSError:
+                h.update(b"missing")  # the compilation reports it
         return h.hexdigest()
 
     def get(self, key: str) -> CompiledGrammar | None:
@@ -105,7 +123,8 @@ class ConstraintCache:
         if path is None:
             return
         try:
-            dfas = [(t.node, automata._CACHE[t.node]) for t in grammar.terminals.values() if t.node in automata._CACHE]
+            keys = [node_key(t.node) for t in grammar.terminals.values()]  # automata._CACHE is keyed by node_key
+            dfas = [(k, automata._CACHE[k]) for k in keys if k in automata._CACHE]
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
             with open(tmp, "wb") as f:

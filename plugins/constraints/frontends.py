@@ -25,7 +25,7 @@ from plugins.constraints.json_schema import JsonSchemaOptions, json_schema_gramm
 
 __all__ = [
     "regex_grammar", "choice_grammar", "lark_grammar", "gbnf_grammar", "schema_grammar",
-    "shipped_grammars", "build_grammar", "load_schema", "regex_flags",
+    "shipped_grammars", "build_grammar", "load_schema", "regex_flags", "source_files",
 ]  # fmt: skip
 
 MAX_CHOICES = 100_000
@@ -72,13 +72,14 @@ def _text_or_file(value: str, suffixes: tuple[str, ...]) -> tuple[str, str]:
     return value, "inline grammar"
 
 
-def lark_grammar(grammar: str, start: str = "start") -> Grammar:
-    """A lark grammar given inline, by shipped name, or as a ``.lark`` path."""
+def lark_grammar(grammar: str, start: str = "start", max_whitespace: int | None = 20) -> Grammar:
+    """A lark grammar given inline, by shipped name, or as a ``.lark`` path. Ignored terminals
+    made only of whitespace match at most ``max_whitespace`` characters (None: unbounded)."""
     shipped = shipped_grammars()
     if grammar in shipped:
-        return grammar_from_lark(shipped[grammar].read_text(encoding="utf-8"), start, f"grammar {grammar!r}")
+        return grammar_from_lark(shipped[grammar].read_text(encoding="utf-8"), start, f"grammar {grammar!r}", max_whitespace)
     text, src = _text_or_file(grammar, (".lark",))
-    return grammar_from_lark(text, start, src)
+    return grammar_from_lark(text, start, src, max_whitespace)
 
 
 def gbnf_grammar(grammar: str) -> Grammar:
@@ -120,22 +121,69 @@ def schema_grammar(schema: Any, options: JsonSchemaOptions) -> tuple[Grammar, li
     return json_schema_grammar(load_schema(schema), options)
 
 
+_IMPORT = re.compile(r"^\s*%import\s+\.?([A-Za-z_][\w.]*)", re.MULTILINE)
+
+
+def source_files(kind: str, params: dict[str, Any]) -> list[Path]:
+    """The files compiling ``kind`` with ``params`` reads: a ``.json`` schema path, a ``.lark``
+    or ``.gbnf`` path, a shipped grammar, and the local grammars they ``%import``. A compiled
+    constraint is cached under a key that hashes their contents, so a changed file recompiles
+    (:meth:`plugins.constraints.cache.ConstraintCache.key`)."""
+    out: list[Path] = []
+    if kind == "json_schema":
+        v = params.get("schema")
+        if isinstance(v, str) and "\n" not in v and v.strip().endswith(".json") and not v.lstrip().startswith("{"):
+            out.append(Path(v).expanduser())
+    elif kind in ("grammar", "gbnf"):
+        v = params.get("grammar")
+        if isinstance(v, str):
+            shipped = shipped_grammars() if kind == "grammar" else {}
+            if v in shipped:
+                out.append(shipped[v])
+            elif "\n" not in v and len(v) < 4096 and v.endswith(".lark" if kind == "grammar" else ".gbnf"):
+                out.append(Path(v).expanduser())
+            if kind == "grammar":
+                out += _lark_imports(out[0] if out else None, v if not out else None)
+    return out
+
+
+def _lark_imports(path: Path | None, text: str | None, seen: set[Path] | None = None) -> list[Path]:
+    """Local ``.lark`` files that a grammar ``%import``s (next to it or in ``grammars/``), recursively."""
+    seen = set() if seen is None else seen
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8") if path is not None else ""
+        except OSError:
+            return []
+    found: list[Path] = []
+    for mod in _IMPORT.findall(text):
+        stem = mod.split(".")[0]
+        for base in ([path.parent] if path is not None else []) + [GRAMMARS_DIR]:
+            cand = (base / f"{stem}.lark").resolve()
+            if cand.is_file() and cand not in seen:
+                seen.add(cand)
+                found.append(cand)
+                found += _lark_imports(cand, None, seen)
+                break
+    return found
+
+
 def build_grammar(kind: str, params: dict[str, Any]) -> tuple[Grammar, list[str]]:
     """Grammar (and warnings) for a registered constraint ``kind`` with validated ``params``."""
     if kind == "json_schema":
-        opts = JsonSchemaOptions(strict=params.get("strict", False), whitespace=params.get("whitespace", "flexible"),
+        opts = JsonSchemaOptions(strict=params.get("strict", False), whitespace=params.get("whitespace", "compact"),
                                  max_whitespace=params.get("max_whitespace", 20),
                                  property_order=params.get("property_order", "any"), max_any_order=params.get("max_any_order", 6))
         return schema_grammar(params["schema"], opts)
     if kind == "json":
-        opts = JsonSchemaOptions(whitespace=params.get("whitespace", "flexible"), max_whitespace=params.get("max_whitespace", 20))
+        opts = JsonSchemaOptions(whitespace=params.get("whitespace", "compact"), max_whitespace=params.get("max_whitespace", 20))
         return json_schema_grammar(True, opts)
     if kind == "regex":
         return regex_grammar(params["pattern"], regex_flags(params.get("flags", ""))), []
     if kind == "choice":
         return choice_grammar(list(params["choices"])), []
     if kind == "grammar":
-        return lark_grammar(params["grammar"], params.get("start", "start")), []
+        return lark_grammar(params["grammar"], params.get("start", "start"), params.get("max_whitespace", 20)), []
     if kind == "gbnf":
         return gbnf_grammar(params["grammar"]), []
     raise ConstraintError(f"unknown constraint kind {kind!r}")

@@ -19,7 +19,20 @@ from plugins.constraints import regex as rx
 
 __all__ = ["Terminal", "Grammar", "GrammarBuilder", "grammar_from_lark", "GRAMMARS_DIR"]
 
-GRAMMARS_DIR = Path(__file__).resolve().parents[2] / "grammars"
+
+
+def _grammars_dir() -> Path:
+    """Where the shipped ``.lark`` grammars are: ``plugins/constraints/grammars/`` in an
+    installed wheel (setup.py copies them there at build time), else the repository's
+    top-level ``grammars/`` folder, which is their source (a checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "grammars"
+    if packaged.is_dir():
+        return packaged
+    return here.parents[1] / "grammars"
+
+
+GRAMMARS_DIR = _grammars_dir()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +189,8 @@ class GrammarBuilder:
 
 
 def _hint_for(text: str) -> str:
-    names = {"{": "LBRACE", "}": "RBRACE", "[": "LSQB", "]": "RSQB", ",": "COMMA", ":": "COLON"}
+    names = {"{": "LBRACE", "}": "RBRACE", "[": "LSQB", "]": "RSQB", ",": "COMMA", ":": "COLON", ", ": "COMMA",
+             ": ": "COLON"}
     return names.get(text) or ("LIT_" + re.sub(r"[^A-Za-z0-9]", "", text)[:20])
 
 
@@ -190,10 +204,39 @@ def _lark_flags(flags) -> int:
     return f
 
 
-def grammar_from_lark(text: str, start: str = "start", source: str = "lark grammar") -> Grammar:
+_WHITESPACE = rx.normalize_ranges([(9, 13), (32, 32), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
+                                   (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000)])
+
+
+def _only_whitespace(node: rx.Node) -> bool:
+    if isinstance(node, rx.Chars):
+        return not rx.subtract_ranges(node.ranges, _WHITESPACE)
+    if isinstance(node, (rx.Seq, rx.Alt)):
+        return all(_only_whitespace(x) for x in node.items)
+    if isinstance(node, rx.Repeat):
+        return _only_whitespace(node.item)
+    return False
+
+
+def bound_whitespace(node: rx.Node, limit: int) -> rx.Node:
+    """``node`` matching at most ``limit`` characters when it matches only whitespace (lark's
+    ``WS: /[ \t\n\r]+/`` is unbounded: ignored between any two lexemes, it would let a model
+    emit whitespace until ``max_tokens``); other nodes unchanged."""
+    if not _only_whitespace(node):
+        return node
+    if isinstance(node, rx.Repeat) and isinstance(node.item, rx.Chars):  # /[ \t]+/: the usual form
+        if node.max is not None and node.max <= limit:
+            return node
+        return rx.repeat(node.item, node.min, max(node.min, limit))
+    return rx.And(node, rx.repeat(rx.Chars(_WHITESPACE), 0, limit))
+
+
+def grammar_from_lark(text: str, start: str = "start", source: str = "lark grammar", max_whitespace: int | None = None) -> Grammar:
     """Load lark grammar text with lark and convert it to a :class:`Grammar`.
 
     ``%import`` paths resolve against lark's own library and the project's ``grammars/``.
+    ``max_whitespace``: the longest run an ``%ignore``'d terminal made only of whitespace may
+    match (None: as the grammar says).
 
     Raises:
         ConstraintError: lark rejects the grammar (its message names the rule and line), or a
@@ -220,6 +263,11 @@ def grammar_from_lark(text: str, start: str = "start", source: str = "lark gramm
                 terminals[td.name] = Terminal(td.name, node, td.priority)
         except ConstraintError as exc:
             raise ConstraintError(f"{source}: terminal {td.name}: {exc}") from None
+    if max_whitespace is not None:
+        for name in lk.ignore_tokens:
+            t = terminals.get(name)
+            if t is not None:
+                terminals[name] = Terminal(t.name, bound_whitespace(t.node, max_whitespace), t.priority, t.literal, t.shadows)
     rules = [(r.origin.name, tuple(s.name for s in r.expansion)) for r in lk.rules]
     starts = lk.options.start
     st = starts[0] if isinstance(starts, list) else starts

@@ -19,9 +19,11 @@ Object properties may come in any order, each at most once (``property_order="an
 default), for objects of up to ``max_any_order`` properties: the grammar tracks which properties
 were written (one rule per subset, so the limit keeps it small). Larger objects, or
 ``property_order="schema"``, take properties in the order ``properties`` lists them (as
-llguidance and XGrammar do). Additional properties, when allowed, may appear anywhere. Whitespace between
-lexemes is either ``"flexible"`` (up to ``max_whitespace`` of space / tab / newline between any
-two lexemes, as JSON allows) or ``"compact"`` (none).
+llguidance and XGrammar do). Additional properties, when allowed, may appear anywhere. Whitespace:
+``"compact"`` (the default) is ``json.dumps``'s layout — one space after every ``:`` and ``,``,
+nowhere else — so a small model cannot waste its tokens (or run out of them) on whitespace;
+``"minified"`` has none (``separators=(",", ":")``); ``"flexible"`` allows up to
+``max_whitespace`` characters of space / tab / newline between any two lexemes, as JSON does.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from plugins.constraints.automata import compile_dfa
 from plugins.constraints.grammar import Grammar, GrammarBuilder
 from plugins.constraints.regex import RegexError
 
-__all__ = ["JsonSchemaOptions", "SchemaCompiler", "json_schema_grammar", "any_json_grammar"]
+__all__ = ["JsonSchemaOptions", "SchemaCompiler", "json_schema_grammar", "any_json_grammar", "WHITESPACE_MODES"]
 
 ANNOTATIONS = frozenset({
     "$schema", "$id", "id", "$comment", "$anchor", "$vocabulary", "title", "description", "default",
@@ -54,6 +56,7 @@ UNSUPPORTED = frozenset({
     "$dynamicRef", "$recursiveRef",
 })  # fmt: skip
 TYPES = ("null", "boolean", "object", "array", "string", "number", "integer")
+WHITESPACE_MODES = ("compact", "minified", "flexible")
 
 # JSON text pieces
 _HEX = rx.chars([(48, 57), (65, 70), (97, 102)])
@@ -72,10 +75,17 @@ NUMBER = rx.seq(INTEGER, rx.opt(_FRAC), rx.opt(_EXP))
 
 _SHORT = {8: "b", 9: "t", 10: "n", 12: "f", 13: "r"}
 
+# full-date, exactly as a date: month lengths and leap years (year 0000 excluded, as
+# datetime.date and so jsonschema's format checker exclude it)
+_YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+_LEAP = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (rf"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+         rf"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)")
+
 FORMATS = {
-    "date": r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])",
+    "date": _DATE,
     "time": r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])",
-    "date-time": r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])[Tt](?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])",
+    "date-time": _DATE + r"[Tt](?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])",
     "email": r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+",
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "uri": r"[A-Za-z][A-Za-z0-9+.-]*:[^\x00-\x20\"<>\\^`{|}]*",
@@ -90,12 +100,13 @@ class JsonSchemaOptions:
     """How a schema becomes a grammar (see the module docstring)."""
 
     strict: bool = False
-    whitespace: str = "flexible"  # or "compact"
+    whitespace: str = "compact"  # json.dumps's ", " and ": "; or "minified" (none), "flexible"
     max_whitespace: int = 20
     max_depth: int = 64  # nested schema levels ($ref chains, allOf merges, nesting)
     max_enum: int = 10_000
     max_items_expanded: int = 2_000
-    max_string_length: int = 1_000  # longest minLength / maxLength enforced exactly
+    max_string_length: int = 100_000  # longest minLength / maxLength enforced exactly (counted: plugins/constraints/counted.py)
+    max_string_length_with_pattern: int = 1_000  # the same beside a pattern or format (unrolled, intersected)
     property_order: str = "any"  # or "schema"
     max_any_order: int = 6  # objects with more properties take them in schema order
 
@@ -219,6 +230,8 @@ class SchemaCompiler:
     def __init__(self, schema: Any, options: JsonSchemaOptions | None = None):
         self.root = schema
         self.opts = options or JsonSchemaOptions()
+        if self.opts.whitespace not in WHITESPACE_MODES:
+            raise ConstraintError(f"whitespace must be one of {', '.join(WHITESPACE_MODES)}, not {self.opts.whitespace!r}")
         self.b = GrammarBuilder("JSON Schema")
         self.warnings: list[str] = []
         self._memo: dict[int, str] = {}
@@ -240,6 +253,15 @@ class SchemaCompiler:
     def error(self, ptr: str, what: str) -> ConstraintError:
         return ConstraintError(f"JSON Schema {ptr or '#'}: {what}")
 
+    # -- separators ---------------------------------------------------------------------------
+    def colon(self) -> str:
+        """The ``:`` between a key and its value (``": "`` in compact mode)."""
+        return self.b.lit(": " if self.opts.whitespace == "compact" else ":")
+
+    def comma(self) -> str:
+        """The ``,`` between members and items (``", "`` in compact mode)."""
+        return self.b.lit(", " if self.opts.whitespace == "compact" else ",")
+
     # -- entry ------------------------------------------------------------------------------
     def compile(self) -> Grammar:
         start = self.value(self.root, "#")
@@ -248,8 +270,6 @@ class SchemaCompiler:
         if self.opts.whitespace == "flexible":
             ws = self.b.term(rx.repeat(rx.chars([(9, 10), (13, 13), (32, 32)]), 1, self.opts.max_whitespace), "WS")
             self.b.ignore.append(ws)
-        elif self.opts.whitespace != "compact":
-            raise ConstraintError(f"whitespace must be 'flexible' or 'compact', not {self.opts.whitespace!r}")
         if start in self.b.terminals:
             start = self.b.rule([[start]], "start")
         return self.b.build(start)
@@ -499,8 +519,8 @@ class SchemaCompiler:
             seq: list[str] = [b.lit("{")]
             for i, (k, x) in enumerate(v.items()):
                 if i:
-                    seq.append(b.lit(","))
-                seq += [b.lit(json.dumps(k, ensure_ascii=False)), b.lit(":"), self.const(x, f"{ptr}/{_esc_ptr(k)}")]
+                    seq.append(self.comma())
+                seq += [b.lit(json.dumps(k, ensure_ascii=False)), self.colon(), self.const(x, f"{ptr}/{_esc_ptr(k)}")]
             seq.append(b.lit("}"))
             return b.rule([seq], "const")
         if isinstance(v, list):
@@ -508,7 +528,7 @@ class SchemaCompiler:
             seq = [b.lit("[")]
             for i, x in enumerate(v):
                 if i:
-                    seq.append(b.lit(","))
+                    seq.append(self.comma())
                 seq.append(self.const(x, f"{ptr}/{i}"))
             seq.append(b.lit("]"))
             return b.rule([seq], "const")
@@ -598,7 +618,7 @@ class SchemaCompiler:
             raise self.error(ptr, "minLength / maxLength must be integers")
         if mx is not None and mx < mn:
             return None
-        limit = self.opts.max_string_length
+        limit = self.opts.max_string_length if not parts else self.opts.max_string_length_with_pattern
         if mx is not None and mx > limit:
             self.unsupported(f"{ptr}/maxLength", f"maxLength {mx} is over the limit of {limit} that is enforced")
             mx = None
@@ -609,6 +629,8 @@ class SchemaCompiler:
         if not parts and length is None:
             return self.b.term(ANY_STRING, "STRING")
         node = self._string_node(parts, length)
+        if not parts:  # "…" with a count: built with a counter beside the automaton when compiled
+            return self.b.term(node, "STRING")
         try:
             compile_dfa(node, where=ptr)
         except RegexError as exc:
@@ -650,7 +672,7 @@ class SchemaCompiler:
         if cap is not None and cap > self.opts.max_items_expanded and cap > len(elems):
             if mx is not None and mx > self.opts.max_items_expanded:
                 raise self.error(f"{ptr}/maxItems", f"maxItems {mx} is over the limit of {self.opts.max_items_expanded}")
-        comma = b.lit(",")
+        comma = self.comma()
 
         def elem(i: int) -> str:
             return elems[i] if i < len(elems) else rest_sym  # type: ignore[return-value]
@@ -697,7 +719,7 @@ class SchemaCompiler:
                     return None
                 keys.append(r)
         req = set(required)
-        colon = b.lit(":")
+        colon = self.colon()
         kvs: list[str | None] = []
         for k in keys:
             sub = props[k] if k in props else addl
@@ -725,7 +747,7 @@ class SchemaCompiler:
             if v is not None:
                 kt = b.term(ANY_STRING, "ANYKEY", shadows=key_lits)
                 extras.append(b.rule([[kt, colon, v]], "xkv"))
-        comma = b.lit(",")
+        comma = self.comma()
         x = b.rule([[e] for e in extras], "extra") if extras else None
         live = [k for k in range(len(keys)) if kvs[k] is not None]
         if self.opts.property_order == "any" and 1 < len(live) <= self.opts.max_any_order:
@@ -768,7 +790,7 @@ class SchemaCompiler:
         ``required`` ones all present, and additional members ``x`` (if any) anywhere. One
         rule per set of members written so far."""
         b = self.b
-        comma = b.lit(",")
+        comma = self.comma()
         need = sum(1 << i for i, r in enumerate(required) if r)
         rest: dict[int, str] = {}
 
@@ -796,7 +818,8 @@ class SchemaCompiler:
             b = self.b
             v = self._any = b.declare("json")
             s = b.term(ANY_STRING, "STRING")
-            lb, rb, ls, rs, comma, colon = (b.lit(c) for c in "{}[],:")
+            lb, rb, ls, rs = (b.lit(c) for c in "{}[]")
+            comma, colon = self.comma(), self.colon()
             members = b.declare("members")
             b.define(members, [[], [comma, s, colon, v, members]])
             elems = b.declare("elements")

@@ -94,6 +94,8 @@ class LexerStates:
         self.rows: list[tuple[int, ...] | None] = [(0,) * 256]
         self.accepts: list[tuple[int, ...]] = [()]
         self.starts: dict[frozenset[int], int] = {}
+        self.counters: dict[int, Any] = {}  # terminal id -> counted.Counter (counted repetitions)
+        self._mids: dict[int, tuple[tuple[int, int, int], ...]] = {}
         self._ptrs: tuple[int, tuple[int, int, int, int, int]] | None = None
 
     def terminal(self, key: bytes, dfa: DFA) -> int:
@@ -103,7 +105,22 @@ class LexerStates:
             if tid is None:
                 tid = self.tid_by_key[key] = len(self.dfas)
                 self.dfas.append(dfa)
+                if getattr(dfa, "counter", None) is not None:
+                    self.counters[tid] = dfa.counter
             return tid
+
+    def mids(self, sid: int) -> tuple[tuple[int, int, int], ...]:
+        """``(component index, terminal, class)`` of each component of state ``sid`` that is in a
+        looping class of a counted terminal (:mod:`plugins.constraints.counted`), cached."""
+        got = self._mids.get(sid)
+        if got is None:
+            out = []
+            for i, (t, q) in enumerate(self.states[sid]):
+                c = self.counters.get(t)
+                if c is not None and c.region[q]:
+                    out.append((i, t, int(c.region[q])))
+            got = self._mids[sid] = tuple(out)
+        return got
 
     def _grow(self, need: int) -> None:
         """Make room for state ids below ``need`` (call with :attr:`lock` held)."""

@@ -27,7 +27,7 @@ import torch
 
 from framework.bitmask import allocate_token_bitmask, apply_token_bitmask_  # noqa: F401  (re-exported; the core owns them)
 from framework.errors import ConstraintError
-from plugins.constraints.automata import compile_dfa
+from plugins.constraints.counted import clamp_for, terminal_dfa
 from plugins.constraints.earley import EarleyGrammar, EarleySet
 from plugins.constraints.grammar import Grammar
 from plugins.constraints.lexer import LEXER, TRIE_MIN_TOKENS, Branch, Vocab, vocab_for
@@ -35,7 +35,9 @@ from plugins.constraints.regex import node_key
 
 __all__ = ["CompiledGrammar", "GrammarState", "apply_token_bitmask_", "allocate_token_bitmask"]
 
-_Pos = tuple  # (lexer sid, EarleySet, ignored-terminal symbol or -1, fresh)
+_Pos = tuple  # (lexer sid, EarleySet, ignored-terminal symbol or -1, fresh, counts)
+# counts: ((terminal, class, count), ...) for the components of the lexer state that are in a
+# looping class of a counted repetition (plugins/constraints/counted.py); () almost always
 
 
 class CompiledGrammar:
@@ -61,11 +63,11 @@ class CompiledGrammar:
         self.sym_tid: dict[int, int] = {}
         self.literal: dict[int, bool] = {}
         self.priority: dict[int, int] = {}
+        clamp = clamp_for(int(self.vocab.lens.max()) if self.vocab.size else 0)
         for k, name in enumerate(eg.term_names):
             term = grammar.terminals[name]
             where = f"{grammar.source}: terminal {name}"
-            key = node_key(term.node)
-            dfa = compile_dfa(term.node, where=where, deadline=deadline, key=key)
+            key, dfa = terminal_dfa(term.node, clamp, where=where, deadline=deadline, key=node_key(term.node))
             if dfa.empty():
                 raise ConstraintError(f"{where} matches no string")
             if dfa.accepts_empty():
@@ -83,8 +85,10 @@ class CompiledGrammar:
         }
         self.eos_ids = frozenset(self.vocab.eos_ids)
         self.lark_ties = grammar.ties != "all"
+        self.counting = any(t in LEXER.counters for t in self.sym_tid.values())
         root = eg.root
-        self.initial: _Pos = (self.lex_start(root, -1), root, -1, True)
+        start = self.lex_start(root, -1)
+        self.initial: _Pos = (start, root, -1, True, self._enter(start))
 
     # -- parser/lexer glue ------------------------------------------------------------------
     def present(self, P: EarleySet, ign: int) -> frozenset[int]:
@@ -134,8 +138,41 @@ class CompiledGrammar:
         P.memo[key] = res
         return res
 
+    # -- counted repetitions ------------------------------------------------------------------
+    def _enter(self, sid: int) -> tuple:
+        """The counts of a lexeme that starts in state ``sid`` (each looping class at its entry)."""
+        if not self.counting:
+            return ()
+        mids = LEXER.mids(sid)
+        return tuple((t, r, LEXER.counters[t].entry[r]) for _, t, r in mids) if mids else ()
+
+    def _count(self, n: int, cnt: tuple) -> tuple[int, tuple]:
+        """State ``n`` reached by one byte from a state with counts ``cnt`` (same lexeme): its
+        counts, and the state itself moved out of a looping class whose exit count was reached."""
+        mids = LEXER.mids(n)
+        if not mids:
+            return n, ()
+        prev = {t: (r, c) for t, r, c in cnt}
+        comps: list | None = None
+        out = []
+        for i, t, r in mids:
+            spec = LEXER.counters[t]
+            q = LEXER.states[n][i][1]
+            pr = prev.get(t)
+            c = pr[1] + (q == spec.boundary[r]) if pr is not None and pr[0] == r else spec.entry[r]
+            ex = spec.exit[r]
+            if ex is not None and c >= ex:  # leave the loop: the explicit class of count c
+                if comps is None:
+                    comps = list(LEXER.states[n])
+                comps[i] = (t, spec.target[r])
+            else:
+                out.append((t, r, c))
+        if comps is not None:
+            n = LEXER.intern(tuple(comps))
+        return n, tuple(out)
+
     def accepts_end(self, pos: _Pos) -> bool:
-        sid, P, ign, fresh = pos
+        sid, P, ign, fresh = pos[:4]
         if fresh:
             return P.accepting
         r = self.feed(P, ign, sid)
@@ -144,7 +181,7 @@ class CompiledGrammar:
     # -- masks -----------------------------------------------------------------------------
     def mask(self, pos: _Pos) -> int:
         """Allowed tokens at ``pos`` as a Python int bitset (bit ``i`` = token ``i``)."""
-        sid, P, ign, fresh = pos
+        sid, P, ign, fresh = pos[:4]
         key = (((sid * 2 + fresh) * self._nsym + ign + 1) << 3) | 3
         m = P.memo.get(key)
         if m is not None:
@@ -182,7 +219,9 @@ class CompiledGrammar:
         data = self.vocab.table[token] if 0 <= token < self.vocab.size else b""
         if not data:
             return None
-        sid, P, ign, fresh = pos
+        if self.counting:
+            return self._walk(pos, data)
+        sid, P, ign, fresh = pos[:4]
         rows, lex = LEXER.rows, LEXER
         for b in data:
             row = rows[sid]
@@ -202,7 +241,30 @@ class CompiledGrammar:
                 if n == 0:
                     return None
             sid, fresh = n, False
-        return (sid, P, ign, False)
+        return (sid, P, ign, False, ())
+
+    def _walk(self, pos: _Pos, data: bytes) -> _Pos | None:
+        """:meth:`step` (and :meth:`matches`) with counted repetitions: the same walk, keeping
+        each looping class's count and leaving the loop when its exit count is reached."""
+        sid, P, ign, fresh, cnt = pos
+        lex = LEXER
+        for b in data:
+            n = lex.row(sid)[b]
+            if n == 0:
+                if fresh:
+                    return None
+                r = self.feed(P, ign, sid)
+                if r is None:
+                    return None
+                P, ign = r
+                sid = self.lex_start(P, ign)
+                cnt = self._enter(sid)
+                n = lex.row(sid)[b]
+                if n == 0:
+                    return None
+            sid, cnt = self._count(n, cnt) if (cnt or lex.mids(n)) else (n, ())
+            fresh = False
+        return (sid, P, ign, False, cnt)
 
     def new_state(self) -> "GrammarState":
         return GrammarState(self)
@@ -211,23 +273,10 @@ class CompiledGrammar:
         """Whether the whole of ``data`` is a sentence of the grammar (a reference check)."""
         if isinstance(data, str):
             data = data.encode("utf-8")
-        pos = self.initial
-        sid, P, ign, fresh = pos
-        for b in data:
-            n = LEXER.row(sid)[b]
-            if n == 0:
-                if fresh:
-                    return False
-                r = self.feed(P, ign, sid)
-                if r is None:
-                    return False
-                P, ign = r
-                sid = self.lex_start(P, ign)
-                n = LEXER.row(sid)[b]
-                if n == 0:
-                    return False
-            sid, fresh = n, False
-        return self.accepts_end((sid, P, ign, fresh))
+        if not data:
+            return self.accepts_end(self.initial)
+        pos = self._walk(self.initial, data)
+        return pos is not None and self.accepts_end(pos)
 
 
 class GrammarState:
@@ -261,7 +310,7 @@ class GrammarState:
         pos = self._hist[-1]
         if pos is None:
             return 0
-        sid, P, ign, fresh = pos
+        sid, P, ign, fresh = pos[:4]
         return P.memo.get((((sid * 2 + fresh) * self.cg._nsym + ign + 1) << 3) | 3)
 
     def allowed_token_ids(self) -> list[int]:
@@ -286,7 +335,7 @@ class GrammarState:
         pos = self._hist[-1]
         if pos is None:
             return np.zeros(words, np.int32)
-        sid, P, ign, fresh = pos  # the mask as int32 words, memoized beside the mask
+        sid, P, ign, fresh = pos[:4]  # the mask as int32 words, memoized beside the mask
         key = (((sid * 2 + fresh) * self.cg._nsym + ign + 1) << 3) | 4
         src = P.memo.get(key)
         if src is None:
@@ -361,6 +410,13 @@ class GrammarState:
                 break
             pos = cg.step(pos, t)
         return out
+
+    def mask_within(self, budget: int, max_branch: int = 64, max_nodes: int = 2048) -> int | None:
+        """The allowed tokens after which the output can still be completed within ``budget``
+        tokens (None: no such restriction is known); see :func:`plugins.constraints.budget.mask_within`."""
+        from plugins.constraints.budget import mask_within
+
+        return mask_within(self, budget, max_branch, max_nodes)
 
     def is_accepting(self) -> bool:
         """The output so far is complete: EOS is allowed (or was accepted)."""
