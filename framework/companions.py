@@ -250,13 +250,17 @@ class Companion:
 # ------------------------------------------------------------------------------------ loading
 def _load_scorer_paged(path: Path, dtype: torch.dtype, device: torch.device, pm) -> tuple[torch.nn.Module, ModelConfig, torch.Tensor, Any]:
     """A prefix scorer (``docs/demo_models.md``) as the native paged model plus its head."""
+    from framework.models.llama import LlamaForCausalLM
     from framework.models.loader import _iter_tensors, _weight_files
     from framework.models.scorer import ScorerSpec
 
     cfg = ModelConfig.from_dir(path)
     spec = ScorerSpec.from_config(cfg.raw, str(path / "config.json"))
     reg = pm.registry("model").entries.get("LlamaForCausalLM")
-    model = reg.factory(cfg, dtype=dtype, device=device)
+    if reg.factory is LlamaForCausalLM:
+        model = reg.factory(cfg, dtype=dtype, device=device, lm_head=False)  # the head is score.weight
+    else:
+        model = reg.factory(cfg, dtype=dtype, device=device)
     expected = {k: v for k, v in model.expected_tensors().items() if k != "lm_head.weight"}
     expected["score.weight"] = (len(spec.labels), cfg.hidden_size)
     head: torch.Tensor | None = None

@@ -16,7 +16,7 @@ from framework import LLM, ModelLoadError, SamplingParams
 from framework.demo import DEMO_DIR, DEMO_MODELS
 from framework.models import load_model
 from framework.models.config import ModelConfig
-from framework.models.dense import DenseLlamaModel
+from framework.models.llama import LlamaForCausalLM
 from framework.models.scorer import PrefixScorer, load_scorer
 from framework.tokenizer import load_tokenizer
 
@@ -101,12 +101,11 @@ def test_demo_is_better_than_draft_on_its_own_kind_of_text(tokenizer):
 def _dense_logits(path, cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    body = DenseLlamaModel(cfg)
-    state = {k.removeprefix("model."): v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
-    body.load_state_dict(state)
-    with torch.no_grad():
-        hidden, _ = body(ids)
-    return torch.nn.functional.linear(hidden, body.embed_tokens.weight)
+    body = LlamaForCausalLM(cfg)
+    body.load_weights((k, v.float()) for k, v in load_file(str(path / "model.safetensors")).items())
+    with torch.no_grad():  # gradients off: the oneDNN path; the training path is F.linear
+        hidden, _ = body.forward_dense(ids)
+    return torch.nn.functional.linear(hidden, body.embed)
 
 
 @pytest.mark.parametrize("name", ["demo", "demo-draft"])

@@ -164,3 +164,37 @@ def test_unsupported_rope_scaling_is_named(broken):
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match=r"rope_scaling type 'yarn' is not supported"):
         _load(broken)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_forward_matches_transformers_and_trains(checkpoints, family):
+    """The one Llama implementation serves whole-batch use too (training, standalone scorers):
+    ``forward_dense`` equals transformers for every family, gives the same numbers with gradients
+    on (the F.linear path training takes) and off (oneDNN), back-propagates into the fused
+    weights, and ``hf_tensors`` round-trips the checkpoint exactly."""
+    from framework.models import load_model
+    from framework.models.llama import LlamaForCausalLM
+    from safetensors.torch import load_file
+
+    model, cfg, _ = load_model(str(checkpoints[family]), dtype="float32")
+    ids = torch.tensor(_prompts(5, (17, 17)))
+    with torch.no_grad():
+        ref = _hf(checkpoints[family])(ids).logits
+        hidden, _ = model.forward_dense(ids)
+    diff = (model.compute_logits(hidden.reshape(-1, hidden.shape[-1])).view_as(ref) - ref).abs().max().item()
+    assert diff < 1e-4, f"{family}: max abs diff {diff}"
+
+    trainable = LlamaForCausalLM(cfg)
+    trainable.load_weights(model.hf_tensors().items())
+    trainable.requires_grad_(True)
+    h_grad, _ = trainable.forward_dense(ids)
+    assert (h_grad.detach() - hidden).abs().max().item() < 1e-4
+    h_grad.float().pow(2).mean().backward()
+    assert all(layer.qkv.grad is not None and layer.qkv.grad.abs().sum() > 0 for layer in trainable.layers)
+
+    saved = load_file(str(checkpoints[family] / "model.safetensors"))
+    exported = model.hf_tensors()
+    if cfg.tie_word_embeddings:
+        saved.pop("lm_head.weight", None)
+    assert set(exported) == set(saved)
+    assert all(torch.equal(exported[k], saved[k].float()) for k in saved)

@@ -265,7 +265,7 @@ def main() -> None:
         secs = lm.train(scorer, lambda step: loss_of(scorer, gen.sample(data, min(bs, len(data)))), sched, name,
                         log_every=max(1, steps // 10))
         model_dir = out / name
-        tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in scorer.state_dict().items()}
+        tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in scorer.checkpoint_tensors().items()}
         lm.save_checkpoint(tensors, scorers.scorer_config(draft_cfg_dict, kind), model_dir)
         write_tokenizer_files(model_file, model_dir, plan.max_len)
         from framework.models.scorer import load_scorer

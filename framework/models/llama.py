@@ -7,6 +7,11 @@ Weights keep Hugging Face's ``[out, in]`` layout, with q/k/v and gate/up fused i
 each. On CPU, projections call oneDNN's linear directly (``torch.ops.mkldnn._linear_pointwise``),
 which streams fp32 weights ~1.5-2x faster than ``F.linear``'s MKL path at batch 1-16 (see
 ``benchmarks/README.md``); elsewhere they use ``F.linear``.
+
+The same layers serve every use: :meth:`LlamaForCausalLM.forward` over the paged KV cache (the
+engine, companions, paged prefix scorers) and :meth:`LlamaForCausalLM.forward_dense` over whole
+batches with SDPA (training in ``tools/demo_training``, the standalone
+:class:`~framework.models.scorer.PrefixScorer`); :meth:`hf_tensors` writes checkpoints back out.
 """
 
 from __future__ import annotations
@@ -82,7 +87,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LlamaForCausalLM(nn.Module):
     """Llama-family decoder. ``forward`` takes the step's flat tokens and returns hidden states."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", lm_head: bool = True
+    ):
+        """``lm_head=False``: no output projection (a scorer body whose head lives elsewhere);
+        tied embeddings keep theirs, since it is the embedding itself."""
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
@@ -94,7 +103,10 @@ class LlamaForCausalLM(nn.Module):
         kw = dict(dtype=dtype, device=self.device)
         e = torch.empty
         self.embed = nn.Parameter(e(cfg.vocab_size, H, **kw), requires_grad=False)
-        self.lm_head = self.embed if cfg.tie_word_embeddings else nn.Parameter(e(cfg.vocab_size, H, **kw), requires_grad=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = nn.Parameter(e(cfg.vocab_size, H, **kw), requires_grad=False) if lm_head else None
         self.norm = nn.Parameter(e(H, **kw), requires_grad=False)
         self.layers = nn.ModuleList()
         for _ in range(L):
@@ -112,6 +124,7 @@ class LlamaForCausalLM(nn.Module):
             layer.down = nn.Parameter(e(H, inter, **kw), requires_grad=False)
             self.layers.append(layer)
         inv_freq = rope_inv_freq(cfg)
+        self._inv_freq32 = inv_freq  # a plain attribute: stays float32 when the module is cast
         self._rope_len = 0
         self.register_buffer("inv_freq", inv_freq.to(self.device), persistent=False)
         self._ensure_rope(min(cfg.max_position_embeddings, 4096))
@@ -154,24 +167,81 @@ class LlamaForCausalLM(nn.Module):
         h = F.embedding(input_ids, self.embed)
         linear = self.linear
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = self._rms(h, layer.in_norm)
-            qkv = linear(x, layer.qkv, layer.qkv_b)
-            v = qkv[:, self.q_size + self.kv_size :].view(T, nkv, hd)
-            if layer.q_norm is None:
-                qk = qkv[:, : self.q_size + self.kv_size].view(T, nh + nkv, hd)
-            else:
-                q = self._rms(qkv[:, : self.q_size].view(T, nh, hd), layer.q_norm)
-                k = self._rms(qkv[:, self.q_size : self.q_size + self.kv_size].view(T, nkv, hd), layer.k_norm)
-                qk = torch.cat((q, k), dim=1)
-            qk = qk * cos + rotate_half(qk) * sin  # rope on q and k heads at once
-            q, k = qk.split((nh, nkv), dim=1)
+            q, k, v = self._qkv(layer, self._rms(h, layer.in_norm), cos, sin, linear)
             a = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.attn_dtype)
-            a = linear(a, layer.o, layer.o_b)
-            h = h + a
-            x = self._rms(h, layer.post_norm)
-            g, u = linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + linear(F.silu(g) * u, layer.down)
+            h = self._mlp(layer, h + linear(a, layer.o, layer.o_b), linear)
         return self._rms(h, self.norm)
+
+    # ------------------------------------------------------------------------------ one layer
+    def _qkv(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, linear) -> tuple[torch.Tensor, ...]:
+        """Normed ``x [N, H]`` -> roped ``q [N, nh, hd]``, roped ``k [N, nkv, hd]``, ``v [N, nkv, hd]``."""
+        cfg = self.cfg
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        N = x.shape[0]
+        qkv = linear(x, layer.qkv, layer.qkv_b)
+        v = qkv[:, self.q_size + self.kv_size :].view(N, nkv, hd)
+        if layer.q_norm is None:
+            qk = qkv[:, : self.q_size + self.kv_size].view(N, nh + nkv, hd)
+        else:
+            q = self._rms(qkv[:, : self.q_size].view(N, nh, hd), layer.q_norm)
+            k = self._rms(qkv[:, self.q_size : self.q_size + self.kv_size].view(N, nkv, hd), layer.k_norm)
+            qk = torch.cat((q, k), dim=1)
+        qk = qk * cos + rotate_half(qk) * sin  # rope on q and k heads at once
+        q, k = qk.split((nh, nkv), dim=1)
+        return q, k, v
+
+    def _mlp(self, layer: nn.Module, h: torch.Tensor, linear) -> torch.Tensor:
+        """The residual stream after the layer's SwiGLU block: ``h + mlp(norm(h))``."""
+        g, u = linear(self._rms(h, layer.post_norm), layer.gate_up).chunk(2, dim=-1)
+        return h + linear(F.silu(g) * u, layer.down)
+
+    # ------------------------------------------------------------------------------ dense forward
+    def forward_dense(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        positions: torch.Tensor | None = None,  # [B, T] or [T]; default 0..T-1
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,  # per layer k, v [B, n_kv, P, hd]
+        mask: torch.Tensor | None = None,  # [B, 1, T, P + T] bool, True = attend; None = causal, no past
+        return_kv: bool = False,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """The same layers over a batch of whole sequences, attending with SDPA instead of the paged
+        cache: final-normed hidden ``[B, T, H]`` and (``return_kv``) each layer's new keys/values
+        ``[B, n_kv, T, hd]`` (roped). Differentiable when gradients are on (training uses it, after
+        ``requires_grad_(True)``); prefix scorers run on it with their own small caches.
+        """
+        cfg = self.cfg
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if positions is None:
+            positions = torch.arange(T, device=dev)
+        positions = positions.expand(B, T) if positions.dim() == 1 else positions
+        if past is not None and mask is None:
+            raise ValueError("a mask is required when attending to a past cache")
+        if mask is None and cfg.sliding_window is not None and T > cfg.sliding_window:
+            i = torch.arange(T, device=dev)
+            mask = ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < cfg.sliding_window))[None, None].expand(B, 1, T, T)
+        h = F.embedding(input_ids, self.embed)
+        if self._inv_freq32.device != dev:
+            self._inv_freq32 = self._inv_freq32.to(dev)
+        freqs = positions.reshape(-1).to(torch.float32)[:, None] * self._inv_freq32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [B*T, 1, hd]
+        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        # oneDNN's linear has no autograd: plain F.linear while training
+        linear = F.linear if torch.is_grad_enabled() else self.linear
+        h = h.reshape(B * T, -1)
+        new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, self._rms(h, layer.in_norm), cos, sin, linear)
+            q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
+            if return_kv:
+                new_kv.append((k, v))
+            keys, values = (k, v) if past is None else (torch.cat((past[i][0], k), 2), torch.cat((past[i][1], v), 2))
+            if nkv != nh:
+                keys, values = keys.repeat_interleave(nh // nkv, 1), values.repeat_interleave(nh // nkv, 1)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+            h = self._mlp(layer, h + linear(a.transpose(1, 2).reshape(B * T, nh * hd), layer.o, layer.o_b), linear)
+        return self._rms(h, self.norm).view(B, T, -1), (new_kv if return_kv else None)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -189,7 +259,7 @@ class LlamaForCausalLM(nn.Module):
             "model.embed_tokens.weight": (cfg.vocab_size, H),
             "model.norm.weight": (H,),
         }
-        if not cfg.tie_word_embeddings:
+        if not cfg.tie_word_embeddings and self.lm_head is not None:
             out["lm_head.weight"] = (cfg.vocab_size, H)
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
@@ -213,6 +283,36 @@ class LlamaForCausalLM(nn.Module):
             out[p + "mlp.down_proj.weight"] = (H, inter)
         return out
 
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """This model's weights under Hugging Face names and layouts (views of the fused
+        tensors; the inverse of :meth:`load_weights`). A tied head is not listed separately."""
+        q, kv, inter = self.q_size, self.kv_size, self.cfg.intermediate_size
+        out = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        if not self.cfg.tie_word_embeddings and self.lm_head is not None:
+            out["lm_head.weight"] = self.lm_head
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            parts = {
+                "input_layernorm.weight": layer.in_norm,
+                "post_attention_layernorm.weight": layer.post_norm,
+                "self_attn.q_proj.weight": layer.qkv[:q],
+                "self_attn.k_proj.weight": layer.qkv[q : q + kv],
+                "self_attn.v_proj.weight": layer.qkv[q + kv :],
+                "self_attn.o_proj.weight": layer.o,
+                "mlp.gate_proj.weight": layer.gate_up[:inter],
+                "mlp.up_proj.weight": layer.gate_up[inter:],
+                "mlp.down_proj.weight": layer.down,
+            }
+            if layer.qkv_b is not None:
+                parts.update({"self_attn.q_proj.bias": layer.qkv_b[:q], "self_attn.k_proj.bias": layer.qkv_b[q : q + kv],
+                              "self_attn.v_proj.bias": layer.qkv_b[q + kv :]})
+            if layer.o_b is not None:
+                parts["self_attn.o_proj.bias"] = layer.o_b
+            if layer.q_norm is not None:
+                parts.update({"self_attn.q_norm.weight": layer.q_norm, "self_attn.k_norm.weight": layer.k_norm})
+            out.update({p + k: v for k, v in parts.items()})
+        return out
+
     @torch.no_grad()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face tensors (name, tensor) into the fused, transposed layout.
@@ -225,7 +325,7 @@ class LlamaForCausalLM(nn.Module):
             t = t.to(device=self.device, dtype=self.dtype)
             if name == "model.embed_tokens.weight":
                 self.embed.copy_(t)
-            elif name == "lm_head.weight":
+            elif name == "lm_head.weight" and self.lm_head is not None:
                 self.lm_head.copy_(t)
             elif name == "model.norm.weight":
                 self.norm.copy_(t)

@@ -33,12 +33,44 @@ from torch import nn
 
 from framework.errors import ModelLoadError
 from framework.models.config import ModelConfig
-from framework.models.dense import DenseLlamaModel, KVCache, check_supported
+from framework.models.llama import LlamaForCausalLM
 from framework.models.loader import _iter_tensors, _weight_files, resolve_dtype, resolve_model_dir
 
 __all__ = ["KVCache", "PrefixScorer", "ScorerSpec", "load_scorer"]
 
 ScorerKind = Literal["classifier", "reward"]
+
+
+@dataclass(slots=True)
+class KVCache:
+    """Keys and values of every layer for a right-padded batch of prefixes.
+
+    ``k[i]``/``v[i]``: ``[B, n_kv, capacity, head_dim]``; row ``b`` holds ``lengths[b]`` valid
+    positions, the rest is padding that is masked out.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    lengths: torch.Tensor  # [B] long
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def ensure_capacity(self, n: int) -> None:
+        """Grow every layer's buffers (doubling) so ``n`` positions fit."""
+        if n <= self.capacity:
+            return
+        new = max(n, 2 * self.capacity)
+        for buf in (self.k, self.v):
+            for i, t in enumerate(buf):
+                grown = t.new_zeros(t.shape[0], t.shape[1], new, t.shape[3])
+                grown[:, :, : t.shape[2]] = t
+                buf[i] = grown
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A cache holding only ``rows`` (e.g. to fork or drop sequences)."""
+        return KVCache([t[rows] for t in self.k], [t[rows] for t in self.v], self.lengths[rows].clone())
 ARCHITECTURE = "LlamaForSequenceClassification"
 
 
@@ -81,17 +113,31 @@ class PrefixScorer(nn.Module):
     predicted reward in [0, 1]. Padding is on the right; the score at position ``t`` covers tokens
     ``0..t`` (position 0 is usually BOS).
 
-    Attribute and parameter names follow ``LlamaForSequenceClassification`` (``model.*``,
-    ``score.weight``), so ``state_dict()`` is the checkpoint.
+    The body is the serving model (:class:`~framework.models.llama.LlamaForCausalLM`, without an
+    LM head) run through its dense forward; :meth:`checkpoint_tensors` gives the
+    ``LlamaForSequenceClassification`` tensors (``model.*``, ``score.weight``).
     """
 
-    def __init__(self, cfg: ModelConfig, spec: ScorerSpec, directory: Path | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: ScorerSpec,
+        directory: Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
         super().__init__()
         self.cfg = cfg
         self.spec = spec
         self.directory = directory
-        self.model = DenseLlamaModel(cfg)
-        self.score = nn.Linear(cfg.hidden_size, len(spec.labels), bias=False)
+        self.model = LlamaForCausalLM(cfg, dtype=dtype, device=device, lm_head=False)
+        self.score = nn.Linear(cfg.hidden_size, len(spec.labels), bias=False, dtype=dtype, device=device)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Hugging Face ``LlamaForSequenceClassification`` names -> tensors (views)."""
+        out = {k: v for k, v in self.model.hf_tensors().items() if k != "lm_head.weight"}
+        out["score.weight"] = self.score.weight
+        return out
 
     @property
     def kind(self) -> ScorerKind:
@@ -117,7 +163,7 @@ class PrefixScorer(nn.Module):
     # ------------------------------------------------------------------------------ raw outputs
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, num_labels]
         """Raw head outputs for every prefix (class logits, or the reward before the sigmoid)."""
-        hidden, _ = self.model(input_ids)
+        hidden, _ = self.model.forward_dense(input_ids)
         return self.score(hidden)
 
     def to_scores(self, raw: torch.Tensor, label: str | int | None = None) -> torch.Tensor:  # [..., C] -> [...]
@@ -147,7 +193,7 @@ class PrefixScorer(nn.Module):
             lengths = torch.full((B,), T, dtype=torch.long, device=input_ids.device)
         if int(lengths.min()) < 1:
             raise ValueError("every prefix needs at least one token (e.g. BOS)")
-        hidden, kv = self.model(input_ids, return_kv=True)
+        hidden, kv = self.model.forward_dense(input_ids, return_kv=True)
         assert kv is not None
         cache = KVCache([k for k, _ in kv], [v for _, v in kv], lengths.to(torch.long).clone())
         return cache, self.to_scores(self.score(hidden), label)
@@ -161,7 +207,8 @@ class PrefixScorer(nn.Module):
         past_ok = torch.arange(P, device=dev)[None, :] < cache.lengths[:, None]  # [B, P]
         own = torch.eye(k, dtype=torch.bool, device=dev)  # a candidate sees itself, not its siblings
         mask = torch.cat((past_ok[:, None, :].expand(B, k, P), own.expand(B, k, k)), dim=-1)[:, None]
-        hidden, kv = self.model(tokens, positions, past=cache, mask=mask, return_kv=True)
+        past = list(zip(cache.k, cache.v))
+        hidden, kv = self.model.forward_dense(tokens, positions, past=past, mask=mask, return_kv=True)
         assert kv is not None
         return self.score(hidden), kv
 
@@ -205,11 +252,12 @@ def load_scorer(
     if cfg.architecture != ARCHITECTURE:
         raise ModelLoadError(f"{source}: architecture {cfg.architecture!r} is not a prefix scorer (expected {ARCHITECTURE})")
     spec = ScorerSpec.from_config(cfg.raw, source)
-    check_supported(cfg, source)
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, cfg, dev)
-    scorer = PrefixScorer(cfg, spec, path)
-    expected = {name: tuple(t.shape) for name, t in scorer.state_dict().items()}
+    scorer = PrefixScorer(cfg, spec, path, dtype=torch_dtype, device=dev)
+    expected = {name: tuple(t.shape) for name, t in scorer.checkpoint_tensors().items()}
     tensors = dict(_iter_tensors(_weight_files(path), expected))  # checks names, shapes, corruption
-    scorer.load_state_dict(tensors, strict=True)
-    return scorer.to(device=dev, dtype=torch_dtype).eval()
+    with torch.no_grad():
+        scorer.score.weight.copy_(tensors.pop("score.weight"))
+    scorer.model.load_weights(tensors.items())
+    return scorer.eval()

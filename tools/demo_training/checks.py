@@ -42,8 +42,10 @@ def native_logits(model: torch.nn.Module, cfg: ModelConfig, ids: list[int]) -> t
 def load_training_model(model_dir: Path, cfg: ModelConfig) -> CausalLM:
     """The training module holding the saved (bf16-rounded) weights, in float32."""
     model = CausalLM(cfg)
-    state = {k.removeprefix("model."): v.float() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
-    model.model.load_state_dict(state, strict=True)
+    state = {k: v.float() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    if set(state) != set(model.model.expected_tensors()):
+        raise RuntimeError(f"{model_dir}/model.safetensors: tensors differ from the model's: {sorted(set(state) ^ set(model.model.expected_tensors()))}")
+    model.model.load_weights(state.items())
     return model.eval()
 
 

@@ -1,9 +1,9 @@
 """Language-model training for the demo family: model, data sampling, optimiser, checkpoints.
 
-The model is :class:`framework.models.dense.DenseLlamaModel` (plain PyTorch: RMSNorm, RoPE with
-the ``rotate_half`` convention, SwiGLU, ``scaled_dot_product_attention(is_causal=True)``) plus a
-tied LM head; its ``state_dict()`` keys are the Hugging Face tensor names, so the saved directory
-loads with ``framework.models.load_model`` (checked logit for logit after saving).
+The model is the serving :class:`framework.models.llama.LlamaForCausalLM` run through its dense
+forward (``scaled_dot_product_attention(is_causal=True)``, differentiable) plus a tied LM head;
+``hf_tensors()`` gives the Hugging Face tensor names, so the saved directory loads with
+``framework.models.load_model`` (checked logit for logit after saving).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from framework.models.config import ModelConfig
-from framework.models.dense import DenseLlamaModel
+from framework.models.llama import LlamaForCausalLM
 
 from .tokenizer import BOS, EOS, PAD
 
@@ -67,29 +67,30 @@ def hf_config(shape: Shape, vocab_size: int, max_len: int, **extra) -> dict:
 
 
 class CausalLM(nn.Module):
-    """Dense Llama body + LM head tied to the embedding: ``ids [B, T] -> logits [B, T, V]``."""
+    """The serving Llama (its dense forward) with the LM head tied to the embedding:
+    ``ids [B, T] -> logits [B, T, V]``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.tie_word_embeddings, "the demo models tie input and output embeddings"
         self.cfg = cfg
-        self.model = DenseLlamaModel(cfg)
+        self.model = LlamaForCausalLM(cfg).requires_grad_(True)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.model(input_ids)
-        return F.linear(hidden, self.model.embed_tokens.weight)
+        hidden, _ = self.model.forward_dense(input_ids)
+        return F.linear(hidden, self.model.embed)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Hugging Face tensor names -> bf16 tensors (the tied head is not stored separately)."""
-        return {f"model.{k}": v.detach().to(torch.bfloat16).contiguous() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in self.model.hf_tensors().items()}
 
 
 def init_weights(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
     """GPT-2 style init: N(0, std); residual output projections scaled by 1/sqrt(2 * layers)."""
     for name, p in module.named_parameters():
-        if name.endswith("norm.weight"):
+        if name.endswith(("norm.weight", "norm")):  # norm.weight (nn modules), in_norm/post_norm/norm (Llama)
             nn.init.ones_(p)
-        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+        elif name.endswith(("o_proj.weight", "down_proj.weight", ".o", ".down")):
             nn.init.normal_(p, 0.0, std / math.sqrt(2 * n_layers))
         else:
             nn.init.normal_(p, 0.0, std)

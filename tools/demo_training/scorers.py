@@ -141,7 +141,8 @@ def new_scorer(cfg: ModelConfig, kind: str, init_from: torch.nn.Module, seed: in
             else ScorerSpec("reward", ("reward",), "reward"))
     torch.manual_seed(seed)
     scorer = PrefixScorer(cfg, spec)
-    scorer.model.load_state_dict(init_from.state_dict())
+    scorer.model.load_weights((k, v.detach()) for k, v in init_from.hf_tensors().items())
+    scorer.requires_grad_(True)
     torch.nn.init.normal_(scorer.score.weight, 0.0, 0.02)
     return scorer
 
