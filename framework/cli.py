@@ -108,16 +108,26 @@ def generate_cmd(model, max_tokens, temperature, top_p, top_k, seed, stop, dtype
 @click.argument("prompt", required=False)
 @click.option("--prompts", "prompts_file", default=None,
               help="prompts file: .txt (one a line), .jsonl ({id, prompt}, {id, messages} or {id, prompt_token_ids}), or - for stdin")
-@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+@click.option("--output", "-o", default=None, type=click.Path(allow_dash=True),
               help="results as JSON lines (re-running resumes); - for standard output")
 @click.option("--overwrite", is_flag=True, help="start the output afresh when it holds results of another spec, overrides "
               "or prompts (never for a file that is not a decodekit results file)")
 @click.option("--format", "fmt", type=click.Choice(["txt", "jsonl"]), default=None, help="prompts file format (default: by extension)")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="override a sampling field, e.g. --set temperature=0 (YAML value)")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: when stderr is a terminal)")
-def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress) -> int:
+@click.option("--ray", "use_ray", is_flag=True, help="run the prompts on a Ray cluster with Ray Data (needs the ray extra; "
+              "--output may then be a directory: DIR/results.jsonl)")
+@click.option("--ray-address", default=None, help="with --ray: the cluster to join ('auto': the one `ray start` runs here; "
+              "default: start a local one)")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1), help="with --ray: actors, each its own engine")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="with --ray: prompts per actor call")
+@click.option("--cpus-per-actor", default=1.0, show_default=True, type=click.FloatRange(min=0), help="with --ray: CPUs each actor reserves")
+@click.option("--gpus-per-actor", default=None, type=click.FloatRange(min=0),
+              help="with --ray: GPUs each actor reserves (default: 1 when the cluster has GPUs and the spec's device is not cpu)")
+def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress, use_ray, ray_address, replicas, batch_size,
+            cpus_per_actor, gpus_per_actor) -> int:
     """Run the pipeline SPEC on one PROMPT (streamed; with n > 1, each sample labelled) or on a
-    file of prompts (--prompts). Exits 1 when a request failed, 2 on bad input."""
+    file of prompts (--prompts; --ray: on a Ray cluster). Exits 1 when a request failed, 2 on bad input."""
     import yaml
 
     from framework.batch_run import open_results, read_prompts, run_records
@@ -134,9 +144,22 @@ def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress) 
         raise click.UsageError("give either a PROMPT or --prompts FILE")
     if prompts_file is not None and output is None:
         raise click.UsageError("--prompts needs --output FILE.jsonl (or --output - for standard output)")
+    if use_ray and prompts_file is None:
+        raise click.UsageError("--ray needs --prompts FILE")
     loaded = load_spec(spec)  # all spec errors before any model loads
     records = read_prompts(prompts_file, fmt) if prompts_file is not None else None
     params = loaded.sampling_params(**overrides)  # bad overrides fail here too
+    if use_ray:
+        from framework.ray.batch import RayRunOptions, open_output, require_ray, run_ray
+
+        require_ray()
+        options = RayRunOptions(address=ray_address, replicas=replicas, batch_size=batch_size,
+                                cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
+        opened = open_output(loaded, records, output, params, overwrite=overwrite)
+        summary = run_ray(loaded, records, opened, options, overrides=overrides, progress=progress)
+        for line in summary.lines():
+            click.echo(line, err=True)
+        return 1 if summary.failed else 0
     opened = None
     if records is not None:  # a bad --output is refused before the model loads
         opened = open_results(loaded, records, output, params, overwrite=overwrite)
