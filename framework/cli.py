@@ -209,9 +209,16 @@ def _run_one(pipe, prompt: str, params, overrides: dict) -> int:
 @click.option("--request-timeout", default=600.0, show_default=True, type=float, help="seconds before a request is aborted; 0 = none")
 @click.option("--shutdown-timeout", default=30.0, show_default=True, type=float, help="seconds running requests get to finish at shutdown")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--ray", "use_ray", is_flag=True, help="serve behind a Ray Serve deployment (needs the ray extra)")
+@click.option("--ray-address", default=None, help="with --ray: the cluster to join (default: start a local one)")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1), help="with --ray: replicas, each its own engine")
+@click.option("--cpus-per-replica", default=1.0, show_default=True, type=click.FloatRange(min=0), help="with --ray: CPUs each replica reserves")
+@click.option("--gpus-per-replica", default=None, type=click.FloatRange(min=0),
+              help="with --ray: GPUs each replica reserves (default: 1 when the cluster has GPUs and the spec's device is not cpu)")
 def serve_cmd(spec, host, port, api_key, model_name, max_queue, max_body_size, max_prompt_tokens, request_timeout,
-              shutdown_timeout, log_level) -> None:
-    """Serve the pipeline SPEC over an OpenAI-compatible HTTP API (needs the [server] extra)."""
+              shutdown_timeout, log_level, use_ray, ray_address, replicas, cpus_per_replica, gpus_per_replica) -> None:
+    """Serve the pipeline SPEC over an OpenAI-compatible HTTP API (needs the [server] extra; with
+    --ray, N replicas on Ray Serve)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -233,6 +240,16 @@ def serve_cmd(spec, host, port, api_key, model_name, max_queue, max_body_size, m
         max_body_bytes=body_limit, max_prompt_tokens=max_prompt_tokens,
         request_timeout=request_timeout or None, shutdown_timeout=shutdown_timeout, log_level=log_level,
     )
+    if use_ray:
+        from framework.ray.batch import require_ray
+
+        require_ray()
+        load_spec(spec)  # spec errors before any actor starts
+        from framework.ray.serving import serve_ray
+
+        serve_ray(spec, config, replicas=replicas, address=ray_address, cpus_per_replica=cpus_per_replica,
+                  gpus_per_replica=gpus_per_replica)
+        return
     pipe = Pipeline(load_spec(spec))  # spec errors before the model loads
     serve(pipe, config)
 

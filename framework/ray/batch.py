@@ -257,12 +257,13 @@ def _gpus(loaded, options: RayRunOptions) -> float:
 
 def run_ray(loaded, records: list[PromptRecord], opened: tuple[Any, str], options: RayRunOptions | None = None, *,
             overrides: dict[str, Any] | None = None, progress: bool | None = None,
-            predictor: type = PipelinePredictor) -> RunSummary:
+            predictor: type = PipelinePredictor, predictor_kwargs: dict[str, Any] | None = None) -> RunSummary:
     """Generate every record not yet done in the opened results sink on a Ray cluster.
 
     ``loaded``: the run's LoadedSpec; ``opened``: ``(sink, run fingerprint)`` of
     :func:`framework.batch_run.open_results`; ``predictor``: the callable class (a subclass of
-    :class:`PipelinePredictor`) the actors run.
+    :class:`PipelinePredictor`) the actors run, with ``predictor_kwargs`` added to its
+    constructor's arguments.
     """
     options = options or RayRunOptions()
     sink, run = opened
@@ -282,12 +283,14 @@ def run_ray(loaded, records: list[PromptRecord], opened: tuple[Any, str], option
         ctx.enable_progress_bars = False  # ours counts requests
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        blocks = max(1, math.ceil(len(todo) / options.batch_size))
         ds = ray.data.from_items([{"id": r.id, "request": json.dumps(request_of(r), ensure_ascii=False)} for r in todo],
-                                 override_num_blocks=max(1, math.ceil(len(todo) / options.batch_size)))
+                                 override_num_blocks=blocks)
         ds = ds.map_batches(
             predictor, batch_size=options.batch_size, batch_format="numpy",
-            fn_constructor_kwargs={"spec": str(Path(loaded.source).resolve()), "overrides": dict(overrides or {}), "run": run},
-            compute=ray.data.ActorPoolStrategy(size=options.replicas),
+            fn_constructor_kwargs={"spec": str(Path(loaded.source).resolve()), "overrides": dict(overrides or {}), "run": run,
+                                  **(predictor_kwargs or {})},
+            compute=ray.data.ActorPoolStrategy(size=min(options.replicas, blocks)),  # no idle actors
             num_cpus=options.cpus_per_actor, num_gpus=_gpus(loaded, options),
         )
         with sink:
