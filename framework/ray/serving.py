@@ -34,22 +34,18 @@ class DecodekitReplica:
 
         self.config = config
         self.pipeline = Pipeline(load_spec(Path(spec)), **(engine_overrides or {}))
-        self.app: Any = None
+        self._asgi: Any = None
 
     def __serve_build_asgi_app__(self) -> Any:
         from framework.server import create_app
 
-        self.app = create_app(self.pipeline, self.config)
-        return self.app
+        self._asgi = create_app(self.pipeline, self.config)  # ("app" is the Serve wrapper's own attribute)
+        return self._asgi
 
     def check_health(self) -> None:
         """Serve's periodic check: a replica whose engine thread stopped is unhealthy (replaced)."""
-        if self.app is not None and not self.app.state.server.aengine.is_running:
+        if self._asgi is not None and not self._asgi.state.server.aengine.is_running:
             raise RuntimeError("the engine thread is not running")
-
-    def pid(self) -> int:
-        """This replica's process id (tests kill one)."""
-        return os.getpid()
 
 
 def build_serve_app(spec: str | os.PathLike, config: ServerConfig | None = None, *, replicas: int = 1,
