@@ -134,13 +134,15 @@ def test_a_replica_killed_under_load_is_replaced_and_the_other_keeps_serving(ser
     while sum(ok for *_, ok in log) < 6:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    before = replica_actors()
-    victim = before[0]
+    victim = replica_actors()[0]
     killed_at = time.monotonic()
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    while not (running_replicas() == 2 and victim not in replica_actors() and len(replica_actors()) == 2):
-        assert time.monotonic() < deadline + 120, "the killed replica was not replaced"
-        time.sleep(0.2)
+    while running_replicas() == 2:  # until Serve notices (its health check, or a failed request)
+        assert time.monotonic() < deadline + 60, "Serve did not notice the killed replica"
+        time.sleep(0.05)
+    while not (running_replicas() == 2 and victim not in replica_actors()):
+        assert time.monotonic() < deadline + 180, "the killed replica was not replaced"
+        time.sleep(0.1)
     replaced_at = time.monotonic()
     while sum(ok for t0, _, ok in log if t0 > replaced_at) < 6:
         assert time.monotonic() < deadline + 240
@@ -148,9 +150,9 @@ def test_a_replica_killed_under_load_is_replaced_and_the_other_keeps_serving(ser
     stop.set()
     for t in threads:
         t.join(60)
-    served_meanwhile = [ok for t0, _, ok in log if t0 > killed_at + 1.0 and t0 < replaced_at]
+    served_meanwhile = [ok for t0, end, ok in log if t0 > killed_at + 1.0 and end < replaced_at]
     after = [ok for t0, _, ok in log if t0 > replaced_at]
     failed = [(t0, end) for t0, end, ok in log if not ok]
-    assert all(t0 < killed_at + 1.0 for t0, _ in failed)  # only requests caught by the kill failed
+    assert len(failed) <= len(threads) and all(t0 < killed_at + 1.0 for t0, _ in failed)  # only those caught by the kill
     assert all(after) and len(after) >= 6
     assert len(served_meanwhile) >= 1 and all(served_meanwhile)  # the survivor answered while the new one loaded
