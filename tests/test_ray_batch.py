@@ -130,18 +130,24 @@ def test_two_actors_one_killed_mid_batch_match_the_single_process_run(cluster, j
     assert len(pids) >= 3  # two actors, and the one that died came back as a new process
 
 
-def test_failed_requests_are_retried_by_the_next_run_and_nothing_is_truncated(cluster, job):
-    out = job["dir"] / "retry.jsonl"
-    records = [PromptRecord(id="p0", prompt=None, prompt_token_ids=[1, 10**9]),  # out of the vocabulary
-               PromptRecord(id="p1", prompt=json.loads(job["prompts"].read_text().splitlines()[1])["prompt"])]
-    s1 = ray_run(job, out, records)
-    assert (s1.requests, s1.failed) == (1, 1)
+def test_failed_requests_are_retried_by_the_next_run_and_nothing_is_truncated(cluster, job, capsys):
+    from framework.cli import main
+
+    prompts = job["dir"] / "retry.jsonl"
+    p1 = json.loads(job["prompts"].read_text().splitlines()[1])
+    prompts.write_text(json.dumps({"id": "p0", "prompt_token_ids": [1, 10**9]}) + "\n" + json.dumps(p1) + "\n")
+    out_dir = job["dir"] / "retry_out"  # a directory: DIR/results.jsonl
+    argv = ["run", str(job["spec"]), "--prompts", str(prompts), "--output", f"{out_dir}/", "--ray",
+            "--replicas", "2", "--no-progress"]
+    assert main(argv) == 1  # p0's token id is out of the vocabulary
+    assert "1 done, 0 skipped (already in output), 1 failed" in capsys.readouterr().err
+    out = out_dir / "results.jsonl"
     first = out.read_text()
-    assert "error" in by_id(out)["p0"] and by_id(out)["p1"]["outputs"][0]["text"] == job["reference"]["p1"]["outputs"][0]["text"]
-    s2 = ray_run(job, out, records)
-    assert (s2.requests, s2.skipped, s2.failed) == (0, 1, 1)  # p1 done; p0 tried again
-    text = out.read_text()
-    assert text.startswith(first)  # appended, never rewritten
+    assert "error" in by_id(out)["p0"]
+    assert_same({"p1": by_id(out)["p1"]}, {"p1": job["reference"]["p1"]})
+    assert main(argv) == 1
+    assert "0 done, 1 skipped (already in output), 1 failed" in capsys.readouterr().err  # p0 tried again
+    assert out.read_text().startswith(first)  # appended, never rewritten
     assert len(rows(out)) == 3 and rows(out)[-1]["id"] == "p0" and "error" in rows(out)[-1]
 
 

@@ -273,7 +273,11 @@ def run_ray(loaded, records: list[PromptRecord], opened: tuple[Any, str], option
     if not todo:
         sink.close()
         return summary
-    started = connect(options.address, num_cpus=options.num_cpus, object_store_memory=options.object_store_memory)
+    try:
+        started = connect(options.address, num_cpus=options.num_cpus, object_store_memory=options.object_store_memory)
+    except BaseException:
+        sink.close()
+        raise
     bar = _bar(len(todo), progress)
     t0 = time.perf_counter()
     try:
@@ -303,6 +307,7 @@ def run_ray(loaded, records: list[PromptRecord], opened: tuple[Any, str], option
             raise cause from None
         raise
     finally:
+        sink.close()  # (a no-op when the run got through)
         if bar is not None:
             bar.close()
         summary.seconds = time.perf_counter() - t0
