@@ -175,3 +175,15 @@ def test_a_killed_driver_then_a_rerun_loses_and_duplicates_nothing(cluster, job)
     assert summary.skipped == len(partial) and summary.requests == 80 - len(partial)
     ref = {k: v for k, v in job["reference"].items() if int(k[1:]) < 80}
     assert_same(by_id(out), ref)
+
+
+def test_a_pool_that_cannot_fit_a_local_cluster_is_refused(cluster):
+    from framework.errors import ConfigError
+    from framework.ray.batch import check_resources
+
+    check_resources(2, 1, 0, joined=False)  # fits the 2 CPUs
+    with pytest.raises(ConfigError, match=r"--replicas 3 x 1 CPU per actor needs 3 CPUs; the cluster has 2 .*--cpus-per-actor"):
+        check_resources(3, 1, 0, joined=False)
+    with pytest.raises(ConfigError, match=r"needs 1 GPUs; the cluster has 0 .*--gpus-per-replica"):
+        check_resources(1, 0.5, 1, joined=False, what="replica")
+    check_resources(3, 1, 0, joined=True)  # a joined cluster may grow: a warning only

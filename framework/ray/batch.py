@@ -255,6 +255,22 @@ def _gpus(loaded, options: RayRunOptions) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def check_resources(replicas: int, cpus: float, gpus: float, *, joined: bool, what: str = "actor") -> None:
+    """Refuse a pool that cannot fit: on a local cluster it would wait for resources forever (a
+    joined cluster may autoscale, so there it is only a warning)."""
+    import ray
+
+    have = ray.cluster_resources()
+    for name, each, option in (("CPU", cpus, f"--cpus-per-{what}"), ("GPU", gpus, f"--gpus-per-{what}")):
+        need = replicas * each
+        if need > have.get(name, 0.0) + 1e-9:
+            msg = (f"--replicas {replicas} x {each:g} {name} per {what} needs {need:g} {name}s; the cluster has "
+                   f"{have.get(name, 0.0):g} (lower --replicas or {option})")
+            if not joined:
+                raise ConfigError(msg)
+            logging.getLogger("decodekit").warning("%s; waiting for the cluster to grow", msg)
+
+
 def run_ray(loaded, records: list[PromptRecord], opened: tuple[Any, str], options: RayRunOptions | None = None, *,
             overrides: dict[str, Any] | None = None, progress: bool | None = None,
             predictor: type = PipelinePredictor, predictor_kwargs: dict[str, Any] | None = None) -> RunSummary:
@@ -290,12 +306,14 @@ def run_ray(loaded, records: list[PromptRecord], opened: tuple[Any, str], option
         blocks = max(1, math.ceil(len(todo) / options.batch_size))
         ds = ray.data.from_items([{"id": r.id, "request": json.dumps(request_of(r), ensure_ascii=False)} for r in todo],
                                  override_num_blocks=blocks)
+        size = min(options.replicas, blocks)  # no idle actors
+        gpus = _gpus(loaded, options)
+        check_resources(size, options.cpus_per_actor, gpus, joined=bool(options.address) or not started)
         ds = ds.map_batches(
             predictor, batch_size=options.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"spec": str(Path(loaded.source).resolve()), "overrides": dict(overrides or {}), "run": run,
                                   **(predictor_kwargs or {})},
-            compute=ray.data.ActorPoolStrategy(size=min(options.replicas, blocks)),  # no idle actors
-            num_cpus=options.cpus_per_actor, num_gpus=_gpus(loaded, options),
+            compute=ray.data.ActorPoolStrategy(size=size), num_cpus=options.cpus_per_actor, num_gpus=gpus,
         )
         with sink:
             _drain(ds.iter_rows(), sink, summary, bar, t0)

@@ -83,6 +83,9 @@ def serve_ray(spec: str | os.PathLike, config: ServerConfig | None = None, *, re
         if gpus_per_replica is None:
             device = str(load_spec(Path(spec)).spec.engine.device)
             gpus_per_replica = 1.0 if device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        from framework.ray.batch import check_resources
+
+        check_resources(replicas, cpus_per_replica, gpus_per_replica, joined=bool(address) or not started, what="replica")
         serve.start(http_options={"host": config.host, "port": config.port})
         app = build_serve_app(spec, config, replicas=replicas, cpus_per_replica=cpus_per_replica,
                               gpus_per_replica=gpus_per_replica)
