@@ -3,7 +3,7 @@
     python benchmarks/scale_out.py                         # 256 prompts x 16 tokens on the demo model
     python benchmarks/scale_out.py --prompts 400 --gen-len 32 --actors 1,2,4
 
-One local Ray cluster (``--num-cpus``, loopback only) serves every Ray row. Each row runs the
+One local Ray cluster (``--num-cpus``; no other machine contacted) serves every Ray row. Each row runs the
 same prompts twice into fresh results files, all ``--prompts`` of them and the first quarter:
 
 * ``local``: the single-process ``run`` (``run_records``), the model already loaded;
@@ -91,8 +91,7 @@ def main() -> int:
         slope = (walls[1] - walls[0]) / span
         rows.append(("local", walls[1], walls[1] - slope * len(records), slope))
         del pipe
-        ray.init(num_cpus=args.num_cpus, object_store_memory=128 * 2**20, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", logging_level="warning")
+        ray.init(num_cpus=args.num_cpus, object_store_memory=128 * 2**20, include_dashboard=False, logging_level="warning")
         try:
             for n in [int(x) for x in args.actors.split(",")]:
                 w0, _ = timed_ray(spec, quarter, d / f"q{n}.jsonl", n, args.batch_size)

@@ -1,4 +1,5 @@
-"""``run --ray``: Ray Data batch runs on a local Ray cluster started here (2 CPUs, loopback).
+"""``run --ray``: Ray Data batch runs on a local Ray cluster started here (2 CPUs,
+no other machine contacted).
 
 The reference is the single-process ``run`` of the same spec and seeds: the Ray run must give
 every id exactly once with the same outputs, also when an actor dies mid-batch or the driver is
@@ -61,8 +62,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors ne
 def cluster():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, object_store_memory=96 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="warning")
+    ray.init(num_cpus=2, object_store_memory=96 * 2**20, include_dashboard=False, logging_level="warning")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -187,3 +187,12 @@ def test_a_pool_that_cannot_fit_a_local_cluster_is_refused(cluster):
     with pytest.raises(ConfigError, match=r"needs 1 GPUs; the cluster has 0 .*--gpus-per-replica"):
         check_resources(1, 0.5, 1, joined=False, what="replica")
     check_resources(3, 1, 0, joined=True)  # a joined cluster may grow: a warning only
+
+
+def test_an_actor_that_cannot_start_fails_the_run_with_its_error(cluster, job):
+    from framework.errors import ConfigError
+
+    out = job["dir"] / "refused.jsonl"
+    with pytest.raises(ConfigError, match=r"differ from the driver's .*\(in a Ray actor\)"):
+        ray_run(job, out, read_prompts(str(job["prompts"]))[:4], predictor_kwargs={"run": "another-run"})
+    assert out.read_text() == ""  # nothing written

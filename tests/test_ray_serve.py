@@ -1,5 +1,5 @@
 """``serve --ray``: the OpenAI-compatible app behind a Ray Serve deployment of two replicas on a
-local Ray cluster started here (2 CPUs, loopback only).
+local Ray cluster started here (2 CPUs; the HTTP proxy on 127.0.0.1).
 
 The reference is the one-process server (:class:`ServerThread`) on the same spec: the same
 completions (greedy), the same error bodies. A replica killed under load is replaced while the
@@ -78,8 +78,7 @@ def reference(spec):
 def served(spec):
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, object_store_memory=96 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="warning")
+    ray.init(num_cpus=2, object_store_memory=96 * 2**20, include_dashboard=False, logging_level="warning")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_serve_app(spec, ServerConfig(log_level="warning"), replicas=2, cpus_per_replica=0.5),

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ def require_ray() -> Any:
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, object_store_memory: int | None = None) -> bool:
     """Join the Ray cluster at ``address`` ("auto": the one ``ray start`` runs on this machine),
-    or start a private local one on loopback; nothing happens when Ray is already initialised
+    or start a private local one (contacting no other machine); nothing happens when Ray is already initialised
     (a user's own ``ray.init``). Returns whether this call started the connection (then the
     caller shuts it down)."""
     ray = require_ray()
@@ -56,7 +57,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, object_s
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+                 logging_level=logging.WARNING)
     return True
 
 
@@ -349,18 +350,27 @@ def _drain(rows: Iterable[dict[str, Any]], sink: Any, summary: RunSummary, bar: 
             bar.update(1)
 
 
+_WRAPPED = re.compile(r"framework\.errors\.(\w+): (.+)")
+
+
 def _user_error(exc: BaseException) -> DecodekitError | None:
-    """The DecodekitError a Ray exception wraps (an actor's failed constructor), if any."""
-    seen = 0
+    """The decodekit error a Ray exception wraps (an actor's failed constructor: Ray passes it
+    on as text), if any, as the same class, marked as coming from an actor."""
+    import framework.errors as errors
+
     cur: BaseException | None = exc
-    while cur is not None and seen < 10:
+    for _ in range(10):
+        if cur is None:
+            break
         if isinstance(cur, DecodekitError):
             return cur
-        cause = getattr(cur, "cause", None)
-        if isinstance(cause, DecodekitError):
-            return cause
+        found = _WRAPPED.findall(str(cur) + "\n" + str(getattr(cur, "error_msg", "")))
+        if found:
+            name, message = found[-1]
+            cls = getattr(errors, name, None)
+            if isinstance(cls, type) and issubclass(cls, DecodekitError):
+                return cls(f"{message.strip()} (in a Ray actor)")
         cur = cur.__cause__ or cur.__context__
-        seen += 1
     return None
 
 
