@@ -233,66 +233,24 @@ class SpeculativeStrategy(SampleStrategy):
         """Decide every active row's token at draft position ``i`` (batched)."""
         core = self.core
         seqs = [r.seq for r in active]
-        idx = torch.tensor([r.start + i for r in active], dtype=torch.long, device=logits.device)
+        dev = logits.device
+        idx = torch.tensor([r.start + i for r in active], dtype=torch.long, device=dev)
         model = logits.index_select(0, idx)
         processed, plan = core.chain.apply(seqs, model, None if i == 0 else [i] * len(active))
         params = [s.request.params for s in seqs]
-        greedy = [p.temperature == 0.0 for p in params]
         n = len(active)
-        chosen: list[int | None] = [None] * n
+        greedy = [p.temperature == 0.0 for p in params]
+        chosen: list[int] = [0] * n
         accept = [False] * n
-        need: list[int] = []  # rows drawing from the sampler
-        resid_rows: dict[int, torch.Tensor] = {}
-        if all(greedy):
+        if any(greedy):
             best = processed.argmax(dim=-1).tolist()
-            for j, r in enumerate(active):
-                chosen[j] = best[j]
-                accept[j] = i < len(r.draft) and r.draft[i] == best[j]
-        else:
-            best = processed.argmax(dim=-1).tolist() if any(greedy) else None
-            probs = processed.softmax(dim=-1)
             for j, r in enumerate(active):
                 if greedy[j]:
                     chosen[j] = best[j]
                     accept[j] = i < len(r.draft) and r.draft[i] == best[j]
-                    continue
-                if i >= len(r.draft):  # bonus token (or no draft at all)
-                    need.append(j)
-                    continue
-                x = r.draft[i]
-                p_row = probs[j]
-                px = float(p_row[x])
-                if r.probs is None:
-                    qx = 1.0
-                else:
-                    q_row = r.probs[i].to(p_row.device, torch.float32)
-                    qx = float(q_row[x])
-                u = torch.rand((), generator=r.seq.generator or core.generator).item()
-                if qx > 0.0 and u * qx < px:
-                    chosen[j] = x
-                    accept[j] = True
-                    continue
-                if r.probs is None:
-                    resid = p_row.clone()
-                    resid[x] = 0.0
-                else:
-                    resid = (p_row - q_row).clamp_min_(0.0)
-                if float(resid.sum()) <= 0.0:
-                    resid = p_row
-                resid_rows[j] = resid
-                need.append(j)
-        if need:
-            sub = processed.index_select(0, torch.tensor(need, dtype=torch.long, device=processed.device))
-            if resid_rows:
-                sub = sub.clone()
-                for k, j in enumerate(need):
-                    if j in resid_rows:
-                        sub[k] = resid_rows[j].log()
-            batch = SamplingBatch.build([params[j] for j in need], [seqs[j].generator for j in need], core.generator)
-            drawn = core.sampler.sample(batch, sub).tokens.tolist()
-            for k, j in enumerate(need):
-                chosen[j] = drawn[k]
-        tok_t = torch.tensor(chosen, dtype=torch.long, device=processed.device)
+        if not all(greedy):
+            self._sample_position(active, processed, params, greedy, i, chosen, accept)
+        tok_t = torch.tensor(chosen, dtype=torch.long, device=dev)
         core.chain.on_tokens(plan, tok_t)
         logp = model.log_softmax(dim=-1)  # logprobs under the unprocessed model, like the sampler's
         lps = logp.gather(1, tok_t[:, None])[:, 0].tolist()
@@ -301,15 +259,78 @@ class SpeculativeStrategy(SampleStrategy):
         if kmax:
             tv, ti = logp.topk(kmax, dim=-1)
             top_ids, top_lps = ti.tolist(), tv.tolist()
+        emitted = 0
         for j, r in enumerate(active):
             seq = r.seq
             top = None
             if seq.logprobs is not None and top_ids is not None:
-                k = params[j].logprobs or 0
-                top = dict(zip(top_ids[j][:k], top_lps[j][:k]))
-            core.append(seq, int(chosen[j]), lps[j], top, now)
-            self.spec.num_emitted_tokens += 1 if r.draft else 0
+                top = dict(zip(top_ids[j][: params[j].logprobs or 0], top_lps[j][: params[j].logprobs or 0]))
+            core.append(seq, chosen[j], lps[j], top, now)
+            if r.draft:
+                emitted += 1
             if accept[j]:
                 r.accepted += 1
             if not accept[j] or seq.finished:
                 r.done = True
+        self.spec.num_emitted_tokens += emitted
+
+    def _sample_position(self, active: list[_Row], processed: torch.Tensor, params: list, greedy: list[bool],
+                         i: int, chosen: list[int], accept: list[bool]) -> None:
+        """Sampled rows at position ``i``: accept the draft token with probability
+        ``min(1, p/q)``; otherwise (or past the draft) draw from the residual (or from ``p``)."""
+        core = self.core
+        dev = processed.device
+        drafted = [j for j, r in enumerate(active) if not greedy[j] and i < len(r.draft)]
+        need = [j for j, r in enumerate(active) if not greedy[j] and i >= len(r.draft)]  # bonus / no draft
+        resid_logits: torch.Tensor | None = None
+        rejected: list[int] = []
+        if drafted:
+            J = torch.tensor(drafted, dtype=torch.long, device=dev)
+            P = processed.index_select(0, J).softmax(dim=-1)  # [m, V]
+            x = torch.tensor([active[j].draft[i] for j in drafted], dtype=torch.long, device=dev)
+            Q = torch.zeros_like(P)
+            for k, j in enumerate(drafted):
+                q = active[j].probs
+                if q is None:
+                    Q[k, x[k]] = 1.0  # a point-mass drafter
+                else:
+                    Q[k] = q[i].to(dev, torch.float32)
+            px = P.gather(1, x[:, None])[:, 0]
+            qx = Q.gather(1, x[:, None])[:, 0]
+            u = torch.empty(len(drafted))
+            shared = [k for k, j in enumerate(drafted) if active[j].seq.generator is None]
+            if shared:
+                u[shared] = torch.rand(len(shared), generator=core.generator)
+            for k, j in enumerate(drafted):
+                g = active[j].seq.generator
+                if g is not None:
+                    u[k] = torch.rand((), generator=g)
+            ok = ((qx > 0) & (u.to(dev) * qx < px)).tolist()
+            xs = x.tolist()
+            rej_k = []
+            for k, j in enumerate(drafted):
+                if ok[k]:
+                    chosen[j], accept[j] = xs[k], True
+                else:
+                    rej_k.append(k)
+                    rejected.append(j)
+            if rej_k:
+                R = torch.tensor(rej_k, dtype=torch.long, device=dev)
+                resid = (P.index_select(0, R) - Q.index_select(0, R)).clamp_min_(0.0)
+                empty = resid.sum(dim=-1) <= 0  # p == q: cannot be rejected, but guard rounding
+                if bool(empty.any()):
+                    resid = torch.where(empty[:, None], P.index_select(0, R), resid)
+                resid_logits = resid.log()
+        rows = need + rejected
+        if not rows:
+            return
+        parts = []
+        if need:
+            parts.append(processed.index_select(0, torch.tensor(need, dtype=torch.long, device=dev)))
+        if resid_logits is not None:
+            parts.append(resid_logits)
+        sub = parts[0] if len(parts) == 1 else torch.cat(parts)
+        batch = SamplingBatch.build([params[j] for j in rows], [active[j].seq.generator for j in rows], core.generator)
+        drawn = core.sampler.sample(batch, sub).tokens.tolist()
+        for k, j in enumerate(rows):
+            chosen[j] = drawn[k]
