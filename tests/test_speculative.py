@@ -169,3 +169,39 @@ def test_prompt_lookup_matches_brute_force():
                 want = toks[starts[-1] + n: starts[-1] + n + k]
                 break
         assert lookup(np.asarray(toks), k, lo, hi) == want
+
+
+def test_metrics_endpoint_reports_acceptance(tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import http.client
+    import json
+
+    from framework.pipeline import load_pipeline
+    from framework.server import ServerConfig, ServerThread
+    from framework.server.metrics import parse_metrics
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model: demo\nengine: {max_num_seqs: 4, kv_cache_memory: 64MiB}\n"
+                    "drafter: {prompt_lookup: {num_tokens: 4}}\n")
+    srv = ServerThread(load_pipeline(spec), ServerConfig(port=0, log_level="warning")).start()
+    try:
+        def get(method: str, path: str, body: dict | None = None) -> str:
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+            conn.request(method, path, body=None if body is None else json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            data = conn.getresponse().read().decode()
+            conn.close()
+            return data
+
+        models = json.loads(get("GET", "/v1/models"))["data"]
+        done = json.loads(get("POST", "/v1/completions", {"model": models[0]["id"], "prompt": "The cat",
+                                                          "max_tokens": 40, "temperature": 0}))
+        assert done["usage"]["completion_tokens"] == 40
+        m = parse_metrics(get("GET", "/metrics"))
+        drafted, accepted = m["decodekit_spec_num_draft_tokens_total"], m["decodekit_spec_num_accepted_tokens_total"]
+        assert 0 < accepted <= drafted
+        assert m["decodekit_spec_acceptance_rate"] == pytest.approx(accepted / drafted)
+        assert m["decodekit_spec_num_emitted_tokens_total"] <= 40
+    finally:
+        srv.stop()
