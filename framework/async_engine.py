@@ -93,6 +93,8 @@ class EngineSnapshot:
     num_generated_tokens: int = 0
     num_preemptions: int = 0
     steps: int = 0
+    # speculative decoding's counters (``spec_*`` of ``LLMEngine.stats()``; empty without a drafter)
+    speculative: dict[str, float] = field(default_factory=dict)
 
     @property
     def kv_blocks_free(self) -> int:
@@ -471,4 +473,5 @@ class AsyncEngine:
             num_generated_tokens=int(s["num_generated_tokens"]),
             num_preemptions=int(s["num_preemptions"]),
             steps=int(s["steps"]),
+            speculative={k: float(v) for k, v in s.items() if k.startswith("spec_")},
         )

@@ -425,6 +425,10 @@ class LLMEngine:
         }
         for pool in self.models.pools[1:]:
             out[f"companion_{pool.index}_kv_blocks_used"] = pool.bm.num_used_blocks
+        for strategy in self.core.strategies:  # e.g. speculative decoding's acceptance counters
+            strategy_stats = getattr(strategy, "stats", None)
+            if strategy_stats is not None:
+                out.update(strategy_stats())
         drafter_stats = getattr(self.core.drafter, "stats", None)
         if drafter_stats is not None:
             out.update(drafter_stats())

@@ -73,7 +73,7 @@ class EngineCore:
     def _before_schedule(self) -> None:
         hooks = self._schedule_hooks
         if hooks is None:
-            hooks = self._schedule_hooks = [s for s in self.strategies if hasattr(s, "before_schedule")]
+            hooks = self._schedule_hooks = [s for s in self.strategies if getattr(s, "before_schedule", None) is not None]
         if not hooks:
             return
         running = [s for s in self.scheduler.running if s.request.strategy is not None]

@@ -117,6 +117,18 @@ def _escape(s: str) -> str:
     return s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+_SPEC_HELP = {
+    "spec_num_drafts": "sequence-steps that verified a draft",
+    "spec_num_draft_tokens": "draft tokens proposed and verified",
+    "spec_num_accepted_tokens": "draft tokens accepted",
+    "spec_num_emitted_tokens": "tokens appended by verification steps",
+    "spec_num_verify_steps": "target forwards that verified at least one draft",
+    "spec_draft_forwards": "draft-model forwards",
+    "spec_acceptance_rate": "accepted / drafted tokens",
+    "spec_mean_accepted_length": "accepted tokens per verified draft",
+}
+
+
 def _gauge(name: str, help_text: str, value: float) -> list[str]:
     return [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {_num(value)}"]
 
@@ -181,6 +193,13 @@ class ServerMetrics(EngineObserver):
                   f"# TYPE {p}_num_preemptions_total counter", f"{p}_num_preemptions_total {s.num_preemptions}",
                   f"# HELP {p}_engine_steps_total Engine steps run.",
                   f"# TYPE {p}_engine_steps_total counter", f"{p}_engine_steps_total {s.steps}"]
+        for key, value in sorted(s.speculative.items()):  # only when the engine has a drafter
+            if key.endswith(("_rate", "_length")):
+                lines += _gauge(f"{p}_{key}", f"Speculative decoding: {_SPEC_HELP.get(key, key)}.", value)
+            else:
+                name = f"{p}_{key}_total"
+                lines += [f"# HELP {name} Speculative decoding: {_SPEC_HELP.get(key, key)}.",
+                          f"# TYPE {name} counter", f"{name} {_num(value)}"]
         for metric in (self.prompt_tokens, self.generation_tokens, self.requests, self.http,
                        self.ttft, self.tpot, self.itl, self.e2e):
             lines += metric.render()

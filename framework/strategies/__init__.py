@@ -10,8 +10,8 @@ decoding lives behind this small protocol:
   ``request.state``; raise ``InvalidRequestError`` to refuse the request;
 * ``on_ready(request, now)`` (optional): the request is about to be scheduled for the first
   time (its constraint compiled);
-* ``before_schedule(seqs)`` (optional): the running sequences of this strategy, before the
-  scheduler plans the step — e.g. put draft tokens in ``seq.draft`` to have them verified;
+* ``before_schedule(seqs)`` (optional; an attribute that is None counts as absent): the
+  running sequences of this strategy, before the scheduler plans the step — e.g. put draft tokens in ``seq.draft`` to have them verified;
 * ``after_forward(rows, now) -> requests``: the rows whose next token is due; sample, verify,
   or search, through :class:`~framework.engine_core.EngineCore` (``core.sample``,
   ``core.append_sampled``, ``core.fork``, ``core.finish`` ...); returns the requests that made
@@ -21,7 +21,8 @@ decoding lives behind this small protocol:
   known at the end, as in beam search).
 
 Strategies register through ``register_strategies``; the built-ins are ``sample`` (plain
-sampling, ``n``/``best_of`` forking, grammar jump-forward) and ``beam_search``.
+sampling, ``n``/``best_of`` forking, grammar jump-forward), ``beam_search`` and
+``speculative`` (draft and verify, for engines with a drafter: ``speculative.py``).
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ class DecodingStrategy(Protocol):
 def register_strategies(register: Register) -> None:
     from framework.strategies.beam import BeamSearchStrategy
     from framework.strategies.sample import SampleStrategy
+    from framework.strategies.speculative import SpeculativeStrategy
 
     register("sample", SampleStrategy)
     register("beam_search", BeamSearchStrategy)
+    register("speculative", SpeculativeStrategy)  # takes requests only when the engine has a drafter
 
 
 __all__ = ["DecodingStrategy", "DueRows"]
