@@ -26,6 +26,7 @@ from torch import nn
 from framework.errors import ModelLoadError
 from framework.models.attention import AttentionMetadata, paged_attention
 from framework.models.config import ModelConfig
+from framework.models import native_gemv
 from framework.models.cpu_linear import choose_kernel
 
 
@@ -109,6 +110,7 @@ class LlamaForCausalLM(nn.Module):
         # projections: the fastest working kernel here (prepacked bf16 oneDNN, fp32 oneDNN, int8
         # weight-only after quantize(), F.linear elsewhere); see framework/models/cpu_linear.py
         self.linear = choose_kernel(dtype, self.device)
+        self._native_rms = self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native_gemv.available()
 
     def quantize(self, mode: str | None) -> None:
         """Weight-only quantization of every projection and the output head (``'int8'``: one
@@ -130,6 +132,8 @@ class LlamaForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self._native_rms and x.dtype == w.dtype and x.shape[0] <= 16 and not torch.is_grad_enabled():
+            return native_gemv.rms_norm(x, w, self.cfg.rms_norm_eps)  # a few rows: one C call
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
         # half precision: normalise in fp32, cast back, then scale (as transformers does)

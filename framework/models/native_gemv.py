@@ -104,6 +104,29 @@ void dk_gemv_bf16(const uint16_t *x, int64_t N, int64_t K, const uint16_t *W, in
         }
     }
 }
+
+/* RMSNorm of N rows of H: float32 y = x * rsqrt(mean(x^2) + eps) * w. */
+void dk_rms_f32(const float *x, int64_t N, int64_t H, const float *w, float eps, float *y) {
+    for (int64_t n = 0; n < N; n++) {
+        const float *xr = x + n * H; float *yr = y + n * H;
+        double ss = 0.0;
+        for (int64_t i = 0; i < H; i++) ss += (double)xr[i] * xr[i];
+        float inv = 1.0f / __builtin_sqrtf((float)(ss / H) + eps);
+        for (int64_t i = 0; i < H; i++) yr[i] = xr[i] * inv * w[i];
+    }
+}
+
+/* bfloat16, as transformers does it: normalise in float32, round to bf16, then scale by w in bf16. */
+void dk_rms_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *w, float eps, uint16_t *y) {
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *xr = x + n * H; uint16_t *yr = y + n * H;
+        double ss = 0.0;
+        for (int64_t i = 0; i < H; i++) { float v = bf16_to_f32(xr[i]); ss += (double)v * v; }
+        float inv = 1.0f / __builtin_sqrtf((float)(ss / H) + eps);
+        for (int64_t i = 0; i < H; i++)
+            yr[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[i]) * inv)) * bf16_to_f32(w[i]));
+    }
+}
 """
 
 _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
@@ -158,6 +181,9 @@ def _build() -> Any:
     for fn in (lib.dk_gemv_f32, lib.dk_gemv_bf16):
         fn.restype = None
         fn.argtypes = args
+    for fn in (lib.dk_rms_f32, lib.dk_rms_bf16):
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
     return lib
 
 
@@ -172,7 +198,32 @@ def _probe(lib: Any) -> bool:
             want = F.linear(x.float(), w.float(), b.float())
             if not torch.allclose(got, want, atol=tol * k**0.5, rtol=tol):
                 return False
+        x = torch.randn(3, 40, generator=g).to(dtype)
+        w = torch.randn(40, generator=g).to(dtype)
+        if not torch.allclose(_rms(lib, x, w, 1e-5).float(), _rms_ref(x, w, 1e-5).float(), atol=tol * 4, rtol=tol):
+            return False
     return True
+
+
+def _rms_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    return w * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+def _rms(lib: Any, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    y = torch.empty_like(x)
+    fn = lib.dk_rms_f32 if x.dtype == torch.float32 else lib.dk_rms_bf16
+    fn(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], w.data_ptr(), eps, y.data_ptr())
+    return y
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension (float32, or bfloat16 the way transformers computes it);
+    requires :func:`available` and ``x``, ``w`` of one dtype."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return _rms(_LIB, x, w, eps)
 
 
 def library() -> Any:
