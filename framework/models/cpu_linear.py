@@ -48,6 +48,14 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
+def _version(w: torch.Tensor) -> int:
+    """In-place modification counter (inference tensors have none: they cannot change)."""
+    try:
+        return w._version
+    except RuntimeError:
+        return -1
+
+
 class LinearKernel:
     """``x @ w.T + b`` for one model, with per-weight packed copies cached by identity."""
 
@@ -81,8 +89,9 @@ class LinearKernel:
     def packed(self, w: torch.Tensor) -> Any:
         """The packed copy of ``w`` (made now if missing or stale)."""
         entry = self._packed.get(id(w))
-        if entry is None or entry[0] is not w or entry[1] != w._version:
-            entry = (w, w._version, self._pack(w))
+        version = _version(w)
+        if entry is None or entry[0] is not w or entry[1] != version:
+            entry = (w, version, self._pack(w))
             self._packed[id(w)] = entry
         return entry[2]
 
