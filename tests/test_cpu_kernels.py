@@ -76,7 +76,7 @@ def test_int8_weight_only_against_dequantized_reference():
     want = F.linear(x.float(), q.float() * s.bfloat16().float()[:, None], b.float())
     # bf16 activations and output: errors of a few bf16 ulps of the row sums (|y| ~ 10-25 here)
     assert torch.allclose(got, want, atol=0.3, rtol=0.02)
-    assert (got - want).abs().mean() < 0.05
+    assert (got - want).abs().mean() < 0.1
 
 
 def test_bad_quantization_names_the_field():
