@@ -95,3 +95,22 @@ def test_fallback_when_native_disabled(monkeypatch):
     x, w = torch.randn(2, 32), torch.randn(7, 32)
     with torch.inference_mode():
         assert torch.allclose(k(x, w), F.linear(x, w), atol=1e-5)
+
+
+def test_engine_int8_quantization_tracks_the_float_model():
+    """``quantization: int8`` on the demo model: next-token logits of a prompt stay close to the
+    bf16 model's (same argmax on most prompts); float32 + int8 is a config error naming the field."""
+    if not kernel_works("int8", torch.bfloat16):
+        pytest.skip("no _weight_int8pack_mm here")
+    from framework import LLM, ConfigError, SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
+    prompts = [{"prompt_token_ids": list(range(10 + 7 * i, 40 + 7 * i))} for i in range(6)]
+    ref = LLM(model="demo", dtype="bfloat16").generate(prompts, params, use_tqdm=False)
+    q = LLM(model="demo", quantization="int8").generate(prompts, params, use_tqdm=False)
+    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(ref, q))
+    assert same >= 4
+    for a, b in zip(ref, q):  # the int8 model's top token is among the float model's top 5
+        assert b.outputs[0].token_ids[0] in a.outputs[0].logprobs[0]
+    with pytest.raises(ConfigError, match="quantization"):
+        LLM(model="demo", dtype="float32", quantization="int8")
