@@ -595,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                     hf = next((h for h in got if h.framework == "hf" and h.batch == r.batch and h.tokens is not None), None)
                     if hf is not None:
                         r.agree = prefix_agreement(r.tokens, hf.tokens)
+            for r in got:
                 r.tokens = None  # free
             order = {f: i for i, f in enumerate(FRAMEWORKS)}
             rows += sorted(got, key=lambda r: (r.batch, order[r.framework]))
