@@ -37,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(ROOT))
+if str(HERE) not in sys.path:  # gguf_convert
+    sys.path.insert(0, str(HERE))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -87,6 +89,7 @@ CHECKPOINT_SEED = 1234
 CHECKPOINT_FORMAT = 1  # bump to invalidate every cached checkpoint
 
 # Targets from the performance issue: decodekit tok/s as a multiple of transformers' tok/s.
+LLAMA_CPP_TARGETS: dict[tuple[str, int], float] = {("llama40m", 1): 0.6}  # decodekit / llama.cpp tok/s
 TARGETS: dict[tuple[str, int], float] = {
     ("llama40m", 1): 2.5,   # one request vs HF generate on one prompt
     ("llama40m", 16): 2.0,  # 16 concurrent requests vs HF static batch of 16
@@ -298,6 +301,66 @@ def run_hf(args, name: str, path: Path, dtype: str, vocab: int, log) -> list[Row
     return rows
 
 
+def run_llama_cpp(args, name: str, path: Path, dtype: str, vocab: int, log) -> list[Row]:
+    """llama.cpp (llama-cpp-python) on a GGUF conversion of the same checkpoint, same prompts,
+    greedy (top_k=1), same thread count. One sequence at a time: batch sizes above 1 are not
+    measured (the high-level API has no multi-sequence batch)."""
+    from gguf_convert import convert_llama
+
+    import llama_cpp  # type: ignore[import-not-found]
+
+    rows: list[Row] = []
+    if MODELS[name]["family"] != "llama":
+        for batch in args.batches:
+            rows.append(Row(name, dtype, batch, "llama.cpp", error="not measured: only llama checkpoints are converted to GGUF"))
+        return rows
+    gguf_path = path / f"model-{dtype}.gguf"
+    if not gguf_path.is_file():
+        convert_llama(path, gguf_path.with_suffix(".tmp"), dtype)
+        gguf_path.with_suffix(".tmp").rename(gguf_path)
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=args.prompt_len + args.gen_len + 8, n_threads=args.threads,
+                          n_threads_batch=args.threads, n_batch=min(512, args.prompt_len), verbose=False)
+
+    def generate(prompt: list[int], n: int) -> tuple[float, list[int]]:
+        out: list[int] = []
+        t = time.perf_counter()
+        for tok in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            out.append(tok)
+            if len(out) == n:
+                break
+        return time.perf_counter() - t, out
+
+    try:
+        for batch in args.batches:
+            row = Row(name, dtype, batch, "llama.cpp")
+            rows.append(row)
+            if batch != 1:
+                row.error = "not measured: llama-cpp-python's Llama runs one sequence at a time"
+                continue
+            generate(make_prompts(name, 1, args.prompt_len, vocab, "warmup")[0], min(8, args.gen_len))
+            ttfts, tpots, walls = [], [], []
+            for r in range(args.repeats):
+                prompt = make_prompts(name, 1, args.prompt_len, vocab, "timed", r)[0]
+                t1, _ = generate(prompt, 1)
+                tn, out = generate(prompt, args.gen_len)
+                _check_lengths([out], 1, args.gen_len, "llama.cpp")
+                ttfts.append(t1)
+                if args.gen_len > 1:
+                    tpots.append((tn - t1) / (args.gen_len - 1))
+                walls.append(tn)
+                if r == 0:
+                    row.tokens = [out]
+            row.ttft_ms = _median(ttfts) * 1e3
+            row.ms_per_token = _median(tpots) * 1e3 if tpots else None
+            row.wall_s = _median(walls)
+            row.tok_s = args.gen_len / row.wall_s
+            log(f"  llama.cpp batch 1: {fmt_row_short(row)}")
+    finally:
+        del llm
+        gc.collect()
+    return rows
+
+
 def llama_cpp_status() -> str | None:
     """None when llama_cpp is not importable, else its version."""
     try:
@@ -336,22 +399,32 @@ def ratio(row: Row, rows: list[Row]) -> float | None:
     return row.tok_s / hf.tok_s
 
 
+def ratio_lcpp(row: Row, rows: list[Row]) -> float | None:
+    lc = next((r for r in rows if (r.model, r.dtype, r.batch, r.framework) == (row.model, row.dtype, row.batch, "llama.cpp")), None)
+    if lc is None or lc.tok_s is None or row.tok_s is None:
+        return None
+    return row.tok_s / lc.tok_s
+
+
 def render_table(rows: list[Row]) -> list[str]:
-    head = ["model", "dtype", "batch", "framework", "TTFT ms", "ms/token", "tok/s", "vs HF", "same as HF"]
+    head = ["model", "dtype", "batch", "framework", "TTFT ms", "ms/token", "tok/s", "vs HF", "vs llama.cpp", "same as HF"]
     body = []
     for r in rows:
         if r.error:
-            body.append([r.model, r.dtype, str(r.batch), r.framework, "FAILED", "", "", "", ""])
+            body.append([r.model, r.dtype, str(r.batch), r.framework,
+                         "n/a" if r.error.startswith("not measured") else "FAILED", "", "", "", "", ""])
             continue
         q = ratio(r, rows)
+        ql = ratio_lcpp(r, rows)
         body.append([
             r.model, r.dtype, str(r.batch), r.framework,
             _f(r.ttft_ms, ".1f"), _f(r.ms_per_token, ".2f"), _f(r.tok_s, ".1f"),
             "-" if q is None else f"{q:.2f}x",
+            "-" if ql is None else f"{ql:.2f}x",
             "-" if r.agree is None else f"{r.agree * 100:.0f}%",
         ])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    right = {2, 4, 5, 6, 7, 8}
+    right = {2, 4, 5, 6, 7, 8, 9}
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
@@ -364,7 +437,7 @@ def render_table(rows: list[Row]) -> list[str]:
             out.append("")
         prev = key
         out.append(line(b))
-    errors = [r for r in rows if r.error]
+    errors = [r for r in rows if r.error and not r.error.startswith("not measured")]
     if errors:
         out.append("")
         out.append("failures:")
@@ -385,7 +458,15 @@ def render_targets(rows: list[Row], args: argparse.Namespace) -> list[str]:
         verdict = "not measured" if q is None else ("met" if q >= target else "MISSED")
         got = "-" if q is None else f"{q:.2f}x"
         out.append(f"  {r.model} {r.dtype} batch {r.batch}: {got} HF tok/s (target >= {target}x) {verdict}{note}")
-    return (["targets (decodekit tok/s / HF tok/s):"] + out) if out else []
+    for r in rows:
+        target = LLAMA_CPP_TARGETS.get((r.model, r.batch))
+        if r.framework != "decodekit" or target is None:
+            continue
+        q = ratio_lcpp(r, rows)
+        verdict = "not measured" if q is None else ("met" if q >= target else "MISSED")
+        got = "-" if q is None else f"{q:.2f}x"
+        out.append(f"  {r.model} {r.dtype} batch {r.batch}: {got} llama.cpp tok/s (target >= {target}x) {verdict}{note}")
+    return (["targets (decodekit tok/s / HF or llama.cpp tok/s):"] + out) if out else []
 
 
 def machine_header(args, llama_cpp: str | None, model_info: list[str]) -> list[str]:
@@ -426,7 +507,8 @@ def machine_header(args, llama_cpp: str | None, model_info: list[str]) -> list[s
         "columns: TTFT = time to first token (decodekit: mean of request metrics; HF: generate with "
         "max_new_tokens=1); ms/token = time per output token after the first (decodekit: mean TPOT; "
         "HF: (t(N) - t(1)) / (N - 1)); tok/s = generated tokens / wall time of the whole run; "
-        "vs HF = tok/s / HF tok/s; same as HF = share of decodekit's greedy tokens matching HF's "
+        "vs HF = tok/s / HF tok/s; vs llama.cpp = tok/s / llama.cpp tok/s (GGUF conversion of the same "
+        "checkpoint, benchmarks/gguf_convert.py; batch 1 only); same as HF = share of decodekit's greedy tokens matching HF's "
         "(common prefix; a sanity check, float rounding can flip near-ties of random weights)",
     ]
     return lines
@@ -483,12 +565,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     llama_cpp = llama_cpp_status() if "llama.cpp" in args.frameworks else None
-    if "llama.cpp" in args.frameworks:
-        if llama_cpp is None:
-            print("llama.cpp: not installed")
-        else:
-            print(f"llama.cpp: llama_cpp {llama_cpp} is installed, but this script does not convert the "
-                  "checkpoints to GGUF (needs llama.cpp's converter); skipped")
+    if "llama.cpp" in args.frameworks and llama_cpp is None:
+        print("llama.cpp: not installed (pip install llama-cpp-python); column skipped")
 
     rows: list[Row] = []
     model_info: list[str] = []
@@ -506,11 +584,18 @@ def main(argv: list[str] | None = None) -> int:
                 got += run_decodekit(args, name, path, dtype, vocab, log)
             if "hf" in args.frameworks:
                 got += run_hf(args, name, path, dtype, vocab, log)
+            if "llama.cpp" in args.frameworks and llama_cpp is not None:
+                try:
+                    got += run_llama_cpp(args, name, path, dtype, vocab, log)
+                except Exception as exc:
+                    got.append(Row(name, dtype, 1, "llama.cpp", error=f"{type(exc).__name__}: {exc}"))
+                    log(f"  llama.cpp FAILED:\n{traceback.format_exc()}")
             for r in got:
-                if r.framework == "decodekit" and r.tokens is not None:
+                if r.framework in ("decodekit", "llama.cpp") and r.tokens is not None:
                     hf = next((h for h in got if h.framework == "hf" and h.batch == r.batch and h.tokens is not None), None)
                     if hf is not None:
                         r.agree = prefix_agreement(r.tokens, hf.tokens)
+            for r in got:
                 r.tokens = None  # free
             order = {f: i for i, f in enumerate(FRAMEWORKS)}
             rows += sorted(got, key=lambda r: (r.batch, order[r.framework]))
@@ -526,7 +611,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(f"\nwritten to {args.out}")
-    return 1 if any(r.error for r in rows) else 0
+    notes = sorted({f"  {r.framework} {r.model} batch {r.batch}: {r.error}" for r in rows if r.error and r.error.startswith("not measured")})
+    if notes:
+        text += "\nnot measured:\n" + "\n".join(notes) + "\n"
+        args.out.write_text(text)
+        print("\n".join(notes))
+    return 1 if any(r.error and not r.error.startswith("not measured") for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: the free cores")
+    quantization: Literal["int8"] | None = Field(
+        None, description="'int8': weight-only int8 projections on CPU (one scale per output row, bfloat16 "
+        "activations; dtype auto becomes bfloat16); default: none")
     seed: int = Field(0, description="seed of the engine's generator for requests without their own seed")
     sampler: str = Field("default", description="registered sampler name")
     tokenizer: str | None = Field(None, description="registered tokenizer name; default: detected from the model dir")

@@ -74,7 +74,18 @@ class LLMEngine:
         self.pm = plugin_manager or get_plugin_manager()
         torch.set_num_threads(config.num_threads or default_num_threads())
         self.device = resolve_device(config.device)
-        self.model, self.model_config, self.model_dir = load_model(model, config.dtype, self.device, self.pm)
+        dtype = config.dtype
+        if config.quantization == "int8" and dtype == "auto":
+            dtype = "bfloat16"  # int8 weights run with bfloat16 activations
+        self.model, self.model_config, self.model_dir = load_model(model, dtype, self.device, self.pm)
+        if config.quantization is not None:
+            quantize = getattr(self.model, "quantize", None)
+            if quantize is None:
+                raise ConfigError(f"quantization: model {type(self.model).__name__} does not support quantization")
+            try:
+                quantize(config.quantization)
+            except ValueError as exc:
+                raise ConfigError(f"quantization: {exc}") from None
         self.dtype = self.model.dtype
         self.tokenizer = None
         if not (skip_tokenizer_init or config.skip_tokenizer_init):

@@ -4,9 +4,9 @@ One implementation covers the family; the differences are config flags: q/k/v bi
 per-head q/k RMSNorm (qwen3), sliding-window attention (mistral), tied embeddings, GQA.
 
 Weights keep Hugging Face's ``[out, in]`` layout, with q/k/v and gate/up fused into one matrix
-each. On CPU, projections call oneDNN's linear directly (``torch.ops.mkldnn._linear_pointwise``),
-which streams fp32 weights ~1.5-2x faster than ``F.linear``'s MKL path at batch 1-16 (see
-``benchmarks/README.md``); elsewhere they use ``F.linear``.
+each. Projections go through a :class:`~framework.models.cpu_linear.LinearKernel`: on CPU
+oneDNN's linear (on weights prepacked once for bfloat16), or weight-only int8
+(:meth:`LlamaForCausalLM.quantize`); elsewhere ``F.linear``.
 
 The same layers serve every use: :meth:`LlamaForCausalLM.forward` over the paged KV cache (the
 engine, companions, paged prefix scorers) and :meth:`LlamaForCausalLM.forward_dense` over whole
@@ -26,6 +26,8 @@ from torch import nn
 from framework.errors import ModelLoadError
 from framework.models.attention import AttentionMetadata, paged_attention
 from framework.models.config import ModelConfig
+from framework.models import native_gemv
+from framework.models.cpu_linear import choose_kernel
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -52,31 +54,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
-
-
-def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` through oneDNN (CPU): ``x [N, in] @ w[out, in].T + b``."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-
-_ONEDNN_OK: dict[torch.dtype, bool] = {}
-
-
-def _onednn_linear_ok(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether this torch build has oneDNN's linear op for ``dtype`` on this CPU and it agrees
-    with ``F.linear`` (bf16 needs AVX-512 or AMX: on an AVX2-only CPU oneDNN has no primitive)."""
-    ok = _ONEDNN_OK.get(dtype)
-    if ok is None:
-        try:
-            x, w, b = (torch.randn(3, 8).to(dtype), torch.randn(5, 8).to(dtype), torch.randn(5).to(dtype))
-            tol = 1e-5 if dtype == torch.float32 else 5e-2
-            ok = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
-                _onednn_linear(x, w, b).float(), F.linear(x, w, b).float(), atol=tol, rtol=tol
-            )
-        except (RuntimeError, AttributeError, NotImplementedError):
-            ok = False
-        _ONEDNN_OK[dtype] = ok
-    return ok
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +107,17 @@ class LlamaForCausalLM(nn.Module):
         self._ensure_rope(min(cfg.max_position_embeddings, 4096))
         # bf16/fp16 attention on CPU is several times slower than fp32: compute it in fp32 there.
         self.attn_dtype = torch.float32 if self.device.type == "cpu" and dtype != torch.float32 else None
-        use_onednn = self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _onednn_linear_ok(dtype)
-        self.linear = _onednn_linear if use_onednn else F.linear
+        # projections: the fastest working kernel here (prepacked bf16 oneDNN, fp32 oneDNN, int8
+        # weight-only after quantize(), F.linear elsewhere); see framework/models/cpu_linear.py
+        self.linear = choose_kernel(dtype, self.device)
+        self._native_rms = self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native_gemv.available()
+
+    def quantize(self, mode: str | None) -> None:
+        """Weight-only quantization of every projection and the output head (``'int8'``: one
+        scale per output row, bfloat16 activations; ``None``: no-op). The float weights stay."""
+        if mode is None:
+            return
+        self.linear = choose_kernel(self.dtype, self.device, mode)
 
     # ------------------------------------------------------------------------------ rope
     def _ensure_rope(self, n: int) -> None:
@@ -146,6 +132,8 @@ class LlamaForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self._native_rms and x.dtype == w.dtype and x.shape[0] <= 16 and not torch.is_grad_enabled():
+            return native_gemv.rms_norm(x, w, self.cfg.rms_norm_eps)  # a few rows: one C call
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
         # half precision: normalise in fp32, cast back, then scale (as transformers does)
