@@ -84,6 +84,8 @@ class Fudge(GuidanceBase):
         return tuple(terms)
 
     def prepare(self, params: FudgeParams, sampling: Any) -> FudgeParams:
+        if self.setup.models is None:  # offline validation (no engine): the options only
+            return params
         self._resolve(params)  # unknown model, a reward model, a wrong label: rejected now
         return params
 
