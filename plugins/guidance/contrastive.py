@@ -41,7 +41,7 @@ class ContrastiveParams(BaseModel):
 
 
 class Contrastive(GuidanceBase):
-    """The ``contrastive`` logits processor (see the module docstring)."""
+    """Contrastive decoding (Li et al. 2023; O'Brien & Lewis 2023): ``(1+beta) s_exp - beta s_ama`` on the plausibility head of an expert/amateur pair. See docs/guidance.md."""
 
     stage = Stage.GUIDANCE
     Params = ContrastiveParams

@@ -55,7 +55,7 @@ class FudgeParams(BaseModel):
 
 
 class Fudge(GuidanceBase):
-    """The ``fudge`` logits processor (see the module docstring)."""
+    """FUDGE (Yang & Klein 2021): the generator's top-K, plus ``strength * log P(target | prefix + v)`` from a prefix classifier; others masked. See docs/guidance.md."""
 
     stage = Stage.GUIDANCE
     Params = FudgeParams

@@ -41,7 +41,7 @@ class RadParams(BaseModel):
 
 
 class Rad(GuidanceBase):
-    """The ``rad`` logits processor (see the module docstring)."""
+    """Reward-augmented decoding (Deng & Raffel 2023): the top-k by logit, plus ``beta * clamp(RM(prefix + v), 0, 1)``; others masked. See docs/guidance.md."""
 
     stage = Stage.GUIDANCE
     Params = RadParams
