@@ -308,3 +308,31 @@ def test_bad_options_are_clear_errors_naming_the_field_and_the_engine_goes_on(to
             done[o.request_id] = o
     assert done["ok"].finished and len(done["ok"].outputs[0].token_ids) == 8
     assert eng.check_all_free()
+
+
+# --------------------------------------------------------------------------------- server
+def test_server_extra_body_guidance_matches_the_library_and_names_bad_fields(tmp_path, tok):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    openai = pytest.importorskip("openai")
+    from framework.pipeline import load_pipeline
+    from framework.server import ServerConfig, ServerThread
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model: demo\nengine: {max_num_seqs: 8, kv_cache_memory: 64MiB}\nsampling: {max_tokens: 10, temperature: 0}\n")
+    srv = ServerThread(load_pipeline(spec), ServerConfig(port=0, log_level="warning")).start()
+    try:
+        cl = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        model = cl.models.list().data[0].id
+        procs = [{"rad": {"beta": 30.0, "top_k": 10}}, {"fudge": {"strength": 2.0, "top_k": 20}}]
+        r = cl.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                  extra_body={"processors": procs, "ignore_eos": True})
+        want = LLM("demo").generate(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, processors=procs))
+        assert r.choices[0].text == want[0].outputs[0].text
+        with pytest.raises(openai.BadRequestError) as ei:
+            cl.completions.create(model=model, prompt=PROMPTS[0], extra_body={"processors": [{"fudge": {"target": "happy"}}]})
+        assert "target" in ei.value.body["message"] and "happy" in ei.value.body["message"]
+        r = cl.completions.create(model=model, prompt=PROMPTS[1], max_tokens=4, extra_body={"processors": [{"contrastive": {}}], "ignore_eos": True})
+        assert r.usage.completion_tokens == 4  # the server goes on serving
+    finally:
+        srv.stop()
