@@ -260,17 +260,30 @@ def test_contrastive_through_preemption_and_forks(tok):
 
 # ---------------------------------------------------------------------------- composition
 def test_guidance_composes_with_a_regex_constraint_and_penalties(tok):
-    """The grammar mask applies to the guided distribution: every output matches, and the
-    guided greedy choice is the best guided token the grammar allows."""
+    """The grammar mask applies to the guided distribution: every output matches the regex and
+    every chosen token is one the guidance processors kept."""
     import re
 
-    llm = LLM("demo")
-    procs = [{"fudge": {"strength": 4.0, "top_k": 200}}, {"contrastive": {"alpha": 0.01}}]
+    Probe.records = {}
+    llm = LLM("demo", plugin_manager=_pm())
+    procs = _fix_tags(_probed("g", {"fudge": {"strength": 4.0, "top_k": 200}}, {"contrastive": {"alpha": 0.01}}))
     sp = SamplingParams(max_tokens=12, temperature=0, processors=procs, constraint={"regex": {"pattern": "[a-z ]+"}},
                         repetition_penalty=1.2)
-    for o in llm.generate([_ids(tok, i) for i in range(3)], sp):
+    outs = llm.generate([_ids(tok, i) for i in range(3)], sp)
+    full = {}
+    for i, o in enumerate(outs):
         assert re.fullmatch("[a-z ]+", o.outputs[0].text), o.outputs[0].text
+        full[i] = tuple(_ids(tok, i)["prompt_token_ids"]) + tuple(o.outputs[0].token_ids)
     assert llm.engine.check_all_free()
+    # each chosen token survived guidance (the mask narrowed the guided distribution, never the
+    # reverse: no token guidance masked is ever chosen)
+    checked = 0
+    for prefix, zi, zo in _pairs("g"):
+        seq = next(f for f in full.values() if f[:len(prefix)] == prefix and len(f) > len(prefix))
+        chosen = seq[len(prefix)]
+        assert torch.isfinite(zo[chosen])
+        checked += 1
+    assert checked >= 12
 
 
 # ------------------------------------------------------------------------------ bad input
