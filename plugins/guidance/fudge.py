@@ -146,10 +146,17 @@ class Fudge(GuidanceBase):
                 else:
                     raw = self.uncached.candidates(ref, ctx, cand, ctx_rows)
                 logp = torch.log_softmax(raw.float(), dim=-1)  # [m, K, C]
+                bonus = None
                 for label, w in weights:
-                    use = w != 0
-                    bonus = torch.where(use[:, None], w[:, None] * logp[..., label], torch.zeros((), device=logits.device))
-                    guided.index_add_(0, pos_t, bonus)
+                    use = w != 0  # (w * -inf would be nan where a row does not use the label)
+                    term = torch.where(use[:, None], w[:, None] * logp[..., label], torch.zeros((), device=logits.device))
+                    bonus = term if bonus is None else bonus + term
+                if bonus is None:
+                    continue
+                if len(positions) == len(rows):  # every row of the K group, in order
+                    guided = guided + bonus
+                else:
+                    guided = guided.index_add(0, pos_t, bonus)
             rows_out = torch.full_like(z, NEG_INF).scatter_(1, top_i, guided.to(z.dtype))
             if rows_t is None:
                 out = rows_out
