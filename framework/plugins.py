@@ -70,6 +70,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "framework.constraints",
     "plugins.constraints",
     "plugins.rerankers",
+    "plugins.guidance",
     "plugins.drafters",
 )
 
