@@ -42,7 +42,7 @@ def test_unknown_name_suggests_nearest():
     pm = fp.PluginManager(load_entry_points=False)
     with pytest.raises(PluginError, match=r"unknown sampler 'defualt'; did you mean 'default'\?"):
         pm.get("sampler", "defualt")
-    with pytest.raises(PluginError, match=r"unknown drafter 'eagle' \(registered: none\)"):
+    with pytest.raises(PluginError, match=r"unknown drafter 'eagle' \(registered: draft_model, prompt_lookup\)"):
         pm.get("drafter", "eagle")
 
 
