@@ -1,22 +1,36 @@
-"""Built-in rerankers (the request-finish stage, ``framework/rerankers.py``).
+"""Built-in rerankers (the request-finish stage, ``framework/rerankers.py``) and MBR utilities.
 
 ``logprob``: candidates by cumulative log-probability, highest first — what ``best_of`` has
 always done (vLLM's semantics); it is the reranker of a ``best_of > n`` request that names none.
 
 ``self_consistency``: majority vote over answers extracted by a regex (Wang et al. 2023).
+
+``mbr``: minimum Bayes risk over the samples (exact, aggregate, confidence-based pruning) with a
+registered utility (``register_utilities``: ``chrf``, ``bleu``, ``ter``, ``exact_match``).
+
+``best_of_n``: candidates by a reward model's score (a companion) or by log-probability.
 """
 
 from __future__ import annotations
 
 from framework.hookspecs import Register, hookimpl
 from plugins.rerankers.logprob import LogprobReranker
+from plugins.rerankers.mbr import MBRReranker
 from plugins.rerankers.self_consistency import SelfConsistencyReranker
+from plugins.rerankers.utilities import BUILTIN_UTILITIES
 
 
 @hookimpl
 def register_rerankers(register: Register) -> None:
     register("logprob", LogprobReranker, params=LogprobReranker.Params)
     register("self_consistency", SelfConsistencyReranker, params=SelfConsistencyReranker.Params)
+    register("mbr", MBRReranker, params=MBRReranker.Params)
 
 
-__all__ = ["LogprobReranker", "SelfConsistencyReranker"]
+@hookimpl
+def register_utilities(register: Register) -> None:
+    for name, cls in BUILTIN_UTILITIES.items():
+        register(name, cls, params=cls.Params)
+
+
+__all__ = ["LogprobReranker", "MBRReranker", "SelfConsistencyReranker"]
