@@ -14,6 +14,7 @@ registered utility (``register_utilities``: ``chrf``, ``bleu``, ``ter``, ``exact
 from __future__ import annotations
 
 from framework.hookspecs import Register, hookimpl
+from plugins.rerankers.best_of_n import BestOfNReranker
 from plugins.rerankers.logprob import LogprobReranker
 from plugins.rerankers.mbr import MBRReranker
 from plugins.rerankers.self_consistency import SelfConsistencyReranker
@@ -25,6 +26,7 @@ def register_rerankers(register: Register) -> None:
     register("logprob", LogprobReranker, params=LogprobReranker.Params)
     register("self_consistency", SelfConsistencyReranker, params=SelfConsistencyReranker.Params)
     register("mbr", MBRReranker, params=MBRReranker.Params)
+    register("best_of_n", BestOfNReranker, params=BestOfNReranker.Params)
 
 
 @hookimpl
@@ -33,4 +35,4 @@ def register_utilities(register: Register) -> None:
         register(name, cls, params=cls.Params)
 
 
-__all__ = ["LogprobReranker", "MBRReranker", "SelfConsistencyReranker"]
+__all__ = ["BestOfNReranker", "LogprobReranker", "MBRReranker", "SelfConsistencyReranker"]
