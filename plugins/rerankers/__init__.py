@@ -9,12 +9,16 @@ always done (vLLM's semantics); it is the reranker of a ``best_of > n`` request 
 registered utility (``register_utilities``: ``chrf``, ``bleu``, ``ter``, ``exact_match``).
 
 ``best_of_n``: candidates by a reward model's score (a companion) or by log-probability.
+
+``ensemble`` (a logits processor): some of a request's samples drawn from other language
+models, pooled for the reranker (output ensembling, MBR across models).
 """
 
 from __future__ import annotations
 
 from framework.hookspecs import Register, hookimpl
 from plugins.rerankers.best_of_n import BestOfNReranker
+from plugins.rerankers.ensemble import EnsembleParams, EnsembleSources
 from plugins.rerankers.logprob import LogprobReranker
 from plugins.rerankers.mbr import MBRReranker
 from plugins.rerankers.self_consistency import SelfConsistencyReranker
@@ -30,9 +34,14 @@ def register_rerankers(register: Register) -> None:
 
 
 @hookimpl
+def register_logits_processors(register: Register) -> None:
+    register("ensemble", EnsembleSources, params=EnsembleParams)
+
+
+@hookimpl
 def register_utilities(register: Register) -> None:
     for name, cls in BUILTIN_UTILITIES.items():
         register(name, cls, params=cls.Params)
 
 
-__all__ = ["BestOfNReranker", "LogprobReranker", "MBRReranker", "SelfConsistencyReranker"]
+__all__ = ["BestOfNReranker", "EnsembleSources", "LogprobReranker", "MBRReranker", "SelfConsistencyReranker"]
