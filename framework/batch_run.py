@@ -143,30 +143,34 @@ class RunSummary:
         return out
 
 
+def _completion_record(c: Any, token_ids: bool) -> dict[str, Any]:
+    return {
+        "index": c.index,
+        "text": c.text,
+        **({"token_ids": list(c.token_ids)} if token_ids else {}),
+        "finish_reason": c.finish_reason,
+        "num_tokens": len(c.token_ids),
+        "cumulative_logprob": c.cumulative_logprob,
+        **({"score": c.score} if c.score is not None else {}),
+    }
+
+
 def result_record(rec: PromptRecord, out: RequestOutput, fingerprint: dict[str, str] | None = None,
-                  token_ids: bool = False) -> dict[str, Any]:
+                  token_ids: bool = False, all_candidates: bool = False) -> dict[str, Any]:
     """The JSON line of one finished request (``token_ids``: include each output's token ids,
-    as runs without a tokenizer do). A request that failed after admission (its constraint did
-    not compile) is an error record."""
+    as runs without a tokenizer do; ``all_candidates``: a reranked request also lists every
+    candidate the reranker ranked, best first with its score, under ``candidates``). A request
+    that failed after admission (its constraint did not compile) is an error record."""
     if out.error is not None:
         return error_record(rec, out.error, fingerprint)
     m = out.metrics
+    cands = out.candidates if all_candidates and out.candidates is not None else None
     return {
         "id": rec.id,
         "prompt": rec.display(),
         **({"fingerprint": fingerprint} if fingerprint is not None else {}),
-        "outputs": [
-            {
-                "index": c.index,
-                "text": c.text,
-                **({"token_ids": list(c.token_ids)} if token_ids else {}),
-                "finish_reason": c.finish_reason,
-                "num_tokens": len(c.token_ids),
-                "cumulative_logprob": c.cumulative_logprob,
-                **({"score": c.score} if c.score is not None else {}),
-            }
-            for c in out.outputs
-        ],
+        "outputs": [_completion_record(c, token_ids) for c in out.outputs],
+        **({"candidates": [_completion_record(c, token_ids) for c in cands]} if cands is not None else {}),
         "finish_reason": out.outputs[0].finish_reason if out.outputs else None,
         "prompt_tokens": len(out.prompt_token_ids),
         "output_tokens": sum(len(c.token_ids) for c in out.outputs),
@@ -202,9 +206,11 @@ def open_results(loaded, records: list[PromptRecord], output: str | Path, params
 
 def run_records(pipeline, records: list[PromptRecord], output: str | Path | None = None, *, progress: bool | None = None,
                 window: int | None = None, overrides: dict[str, Any] | None = None, overwrite: bool = False,
-                stdout: IO[str] | None = None, opened: tuple[Any, str] | None = None) -> RunSummary:
+                stdout: IO[str] | None = None, opened: tuple[Any, str] | None = None,
+                all_candidates: bool = False) -> RunSummary:
     """Generate every record not yet done in ``output``; append results as they finish.
-    ``opened``: the ``(sink, fingerprint)`` of :func:`open_results` when the caller opened it."""
+    ``opened``: the ``(sink, fingerprint)`` of :func:`open_results` when the caller opened it;
+    ``all_candidates``: records of reranked requests list every ranked candidate."""
     from framework.results_file import prompt_fingerprint
 
     params = pipeline.sampling_params(**(overrides or {}))
@@ -249,7 +255,7 @@ def run_records(pipeline, records: list[PromptRecord], output: str | Path | None
                     if not out.finished or out.request_id not in inflight:
                         continue
                     rec = inflight.pop(out.request_id)
-                    sink.write(result_record(rec, out, fp(rec), token_ids=with_ids))
+                    sink.write(result_record(rec, out, fp(rec), token_ids=with_ids, all_candidates=all_candidates))
                     summary.add(out)
                     if bar is not None:
                         el = time.perf_counter() - t0

@@ -124,8 +124,10 @@ def generate_cmd(model, max_tokens, temperature, top_p, top_k, seed, stop, dtype
 @click.option("--cpus-per-actor", default=1.0, show_default=True, type=click.FloatRange(min=0), help="with --ray: CPUs each actor reserves")
 @click.option("--gpus-per-actor", default=None, type=click.FloatRange(min=0),
               help="with --ray: GPUs each actor reserves (default: 1 when the cluster has GPUs and the spec's device is not cpu)")
+@click.option("--all-candidates", is_flag=True, help="with a reranker: every candidate it ranked, best first with its "
+              "score (records: a 'candidates' list), not only the n best")
 def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress, use_ray, ray_address, replicas, batch_size,
-            cpus_per_actor, gpus_per_actor) -> int:
+            cpus_per_actor, gpus_per_actor, all_candidates) -> int:
     """Run the pipeline SPEC on one PROMPT (streamed; with n > 1, each sample labelled) or on a
     file of prompts (--prompts; --ray: on a Ray cluster). Exits 1 when a request failed, 2 on bad input."""
     import yaml
@@ -146,6 +148,8 @@ def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress, 
         raise click.UsageError("--prompts needs --output FILE.jsonl (or --output - for standard output)")
     if use_ray and prompts_file is None:
         raise click.UsageError("--ray needs --prompts FILE")
+    if use_ray and all_candidates:
+        raise click.UsageError("--all-candidates is not supported with --ray yet")
     loaded = load_spec(spec)  # all spec errors before any model loads
     records = read_prompts(prompts_file, fmt) if prompts_file is not None else None
     params = loaded.sampling_params(**overrides)  # bad overrides fail here too
@@ -170,22 +174,26 @@ def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress, 
             opened[0].close()
         raise
     if records is None:
-        return _run_one(pipe, prompt, params, overrides)
-    summary = run_records(pipe, records, progress=progress, overrides=overrides, opened=opened)
+        return _run_one(pipe, prompt, params, overrides, all_candidates)
+    summary = run_records(pipe, records, progress=progress, overrides=overrides, opened=opened,
+                          all_candidates=all_candidates)
     for line in summary.lines():
         click.echo(line, err=True)
     return 1 if summary.failed else 0
 
 
-def _run_one(pipe, prompt: str, params, overrides: dict) -> int:
+def _run_one(pipe, prompt: str, params, overrides: dict, all_candidates: bool = False) -> int:
     """One prompt: streamed to the terminal; several samples (n > 1, beams) printed one after
-    another, each under a label. An error starts on a line of its own."""
+    another, each under a label. A reranked request (which cannot stream) prints its n best, each
+    with its score (``all_candidates``: every ranked candidate). An error starts on a line of
+    its own."""
     count = max(params.n, params.num_return_sequences or 1)
-    if count > 1:
+    if count > 1 or params.reranker is not None or params.num_samples > 1:
         out = pipe.generate([prompt], use_tqdm=False, **overrides)[0]
-        for c in out.outputs:
+        shown = out.candidates if all_candidates and out.candidates is not None else out.outputs
+        for c in shown:
             extra = f", score {c.score:.3f}" if c.score is not None else ""
-            click.echo(f"--- sample {c.index + 1}/{len(out.outputs)} ({c.finish_reason}{extra}) ---")
+            click.echo(f"--- sample {c.index + 1}/{len(shown)} ({c.finish_reason}{extra}) ---")
             click.echo(f"{prompt}{c.text}")
         return 0
     click.echo(prompt, nl=False)

@@ -224,27 +224,77 @@ class Companion:
 
     # -- whole sequences (rerankers) -----------------------------------------------------------
     @torch.inference_mode()
-    def score_sequences(self, token_ids: list[list[int]]) -> torch.Tensor:
+    def score_sequences(self, token_ids: list[list[int]], max_batch_tokens: int = 8192) -> torch.Tensor:
         """Outputs after the last token of each sequence ``[N, C or V]``, computed through this
-        pool's prefix cache (shared prompts are computed once) with temporary blocks."""
-        pool = self.pool
-        bm = pool.bm
+        pool's prefix cache with temporary blocks, in batched forwards of up to
+        ``max_batch_tokens`` new tokens (as many sequences per forward as the free blocks hold).
+
+        The longest common prefix of the sequences (a shared prompt) is computed once first, so
+        the prefix cache serves it to every sequence of the batch."""
+        if any(not ids for ids in token_ids):
+            raise ValueError("cannot score an empty sequence")
+        if not token_ids:
+            return torch.zeros(0)
+        bm = self.pool.bm
+        lcp = _common_prefix_len(token_ids)
+        if len(token_ids) > 1 and lcp > bm.block_size and bm.enable_prefix_caching:
+            self._score_batch([token_ids[0][:lcp]])
         out: list[torch.Tensor] = []
-        for ids in token_ids:
-            if not ids:
-                raise ValueError("cannot score an empty sequence")
-            table: list[int] = []
-            try:
-                cached = bm.allocate_prompt(table, ids)
-                if not bm.ensure_slots(table, len(ids)):
-                    raise RuntimeError(f"companion {self.name!r}: KV pool too small to score a {len(ids)}-token sequence")
-                n = len(ids) - cached
-                hidden = pool.runner.forward([ForwardItem(table, ids[cached:], cached, range(n - 1, n))])
-                bm.commit_full_blocks(table, ids, len(ids), 0)
-                out.append(pool.outputs(hidden))
-            finally:
-                bm.free_table(table)
+        i = 0
+        while i < len(token_ids):
+            batch = [token_ids[i]]
+            i += 1
+            budget = len(batch[0])
+            while i < len(token_ids) and budget + len(token_ids[i]) <= max_batch_tokens:
+                batch.append(token_ids[i])
+                budget += len(token_ids[i])
+                i += 1
+            out.append(self._score_batch(batch))
         return torch.cat(out)
+
+    def _score_batch(self, batch: list[list[int]]) -> torch.Tensor:
+        """One forward for as many of ``batch`` as the free blocks hold (the rest in further
+        forwards); RuntimeError if one sequence alone does not fit."""
+        pool, bm = self.pool, self.pool.bm
+        results: list[torch.Tensor] = []
+        k = 0
+        while k < len(batch):
+            tables: list[list[int]] = []
+            items: list[ForwardItem] = []
+            try:
+                while k + len(items) < len(batch):
+                    ids = batch[k + len(items)]
+                    table: list[int] = []
+                    cached = bm.allocate_prompt(table, ids)
+                    if not bm.ensure_slots(table, len(ids)):
+                        bm.free_table(table)
+                        if not items:
+                            raise RuntimeError(f"companion {self.name!r}: KV pool too small to score a "
+                                               f"{len(ids)}-token sequence")
+                        break
+                    tables.append(table)
+                    n = len(ids) - cached
+                    items.append(ForwardItem(table, ids[cached:], cached, range(n - 1, n)))
+                hidden = pool.runner.forward(items)
+                for table, ids in zip(tables, batch[k : k + len(items)]):
+                    bm.commit_full_blocks(table, ids, len(ids), 0)
+                results.append(pool.outputs(hidden))
+                k += len(items)
+            finally:
+                for table in tables:
+                    bm.free_table(table)
+        return torch.cat(results)
+
+
+def _common_prefix_len(seqs: list[list[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        j = 0
+        while j < n and s[j] == first[j]:
+            j += 1
+        n = j
+    return n
 
 
 # ------------------------------------------------------------------------------------ loading

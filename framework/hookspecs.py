@@ -181,6 +181,18 @@ def register_rerankers(register: Register) -> None:
 
 
 @hookspec
+def register_utilities(register: Register) -> None:
+    """Register utilities for minimum Bayes risk rerankers (``mbr``'s ``utility:`` option).
+
+    ``factory(**params)`` returns an object with ``score(hyp: str, ref: str) -> float`` (higher
+    is better) and optionally ``pairwise(hyps, refs) -> [H, R]`` and, for the linear-time
+    ``aggregate`` method, ``features(text)``, ``aggregate(features, weights)`` and
+    ``score_aggregate(hyp_features, aggregated)``; ``params`` validates the options. Built-ins:
+    ``chrf``, ``bleu``, ``ter``, ``exact_match`` (``plugins/rerankers/utilities.py``).
+    """
+
+
+@hookspec
 def register_drafters(register: Register) -> None:
     """Register drafters for speculative decoding.
 

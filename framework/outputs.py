@@ -16,7 +16,7 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None  # per token: {token_id: logprob} (sampled + top-N)
     finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
-    score: float | None = None  # beam search: the length-normalised beam score (best first)
+    score: float | None = None  # beam search: the length-normalised beam score; reranked: the reranker's score
 
     @property
     def finished(self) -> bool:
@@ -72,6 +72,9 @@ class RequestOutput:
     # why the request failed after it was accepted (its completions finish with reason "error"),
     # e.g. its constraint did not compile in time; None otherwise
     error: str | None = None
+    # a reranked request: every candidate the reranker ranked, best first, each with its score
+    # (``outputs`` are the first ``n`` of them); None without a reranker
+    candidates: list[CompletionOutput] | None = None
 
 
 @dataclass(slots=True)

@@ -38,6 +38,7 @@ KINDS: dict[str, str] = {
     "logits_processor": "register_logits_processors",
     "constraint": "register_constraints",
     "reranker": "register_rerankers",
+    "utility": "register_utilities",
     "drafter": "register_drafters",
     "strategy": "register_strategies",
     "kv_policy": "register_kv_policies",

@@ -16,7 +16,9 @@ a reward model), and implements::
 
 ``select_many`` (when present) receives every request that finished in the same engine step,
 so a reranker can score all their candidates in one companion forward. The first ``n`` returned
-candidates become the request's outputs, in that order, each carrying its ``score``. Streaming
+candidates become the request's outputs, in that order, each carrying its ``score``; the
+request's output also lists every ranked candidate (``RequestOutput.candidates``, best first,
+with scores; ``decodekit run --all-candidates`` writes them). Streaming
 of partial text is off for such requests (the choice is only known at the end).
 """
 
@@ -107,12 +109,15 @@ def rerank_finished(reqs: list) -> None:
         work.append((req.reranker, RerankRequest(req.request_id, req.prompt, req.prompt_token_ids, req.params,
                                                  req.reranker.options, [s.to_output() for s in seqs])))
     for req, order in zip(reqs, rerank_many(work)):
-        chosen = []
-        for k, sc in enumerate(order[: req.params.n]):
+        chosen, ranked = [], []
+        for k, sc in enumerate(order):
             seq = req.seqs[sc.index]
             seq.index, seq.score = k, sc.score
-            chosen.append(seq)
+            ranked.append(seq.to_output())
+            if k < req.params.n:
+                chosen.append(seq)
         req.seqs = chosen
+        req.candidates = ranked
 
 
 __all__ = ["Reranker", "RerankRequest", "RerankerUse", "ScoredCandidate", "rerank_finished", "rerank_many"]

@@ -166,6 +166,7 @@ class Request:
     reranker: "RerankerUse | None" = None  # chooses among finished candidates (framework/rerankers.py)
     prompt_logprobs: list[dict[int, float] | None] | None = None  # prompt_logprobs: one entry per prompt token
     error: str | None = None  # set when the request failed after admission (finish reason "error")
+    candidates: list[CompletionOutput] | None = None  # reranked: every ranked candidate, best first
 
     @property
     def finished(self) -> bool:
@@ -188,4 +189,5 @@ class Request:
             metrics=self.metrics,
             prompt_logprobs=self.prompt_logprobs,
             error=self.error,
+            candidates=self.candidates,
         )

@@ -48,6 +48,8 @@ def test_bad_pattern_is_a_clear_request_error(text_model):
     llm = LLM(text_model)
     with pytest.raises(InvalidRequestError, match="answer_pattern"):
         llm.generate("Q:", SamplingParams(max_tokens=4, best_of=2, reranker={"self_consistency": {"answer_pattern": "(("}}))
+    with pytest.raises(InvalidRequestError, match="answer_pattern.*no group"):
+        llm.generate("Q:", SamplingParams(max_tokens=4, best_of=2, reranker={"self_consistency": {"answer_pattern": "[0-9]+"}}))
     with pytest.raises(InvalidRequestError, match="weighting"):
         llm.generate("Q:", SamplingParams(max_tokens=4, best_of=2, reranker={"self_consistency": {"weighting": "max"}}))
 

@@ -1,7 +1,7 @@
 """The ``self_consistency`` reranker (Wang et al. 2023): majority vote over extracted answers.
 
 Each candidate's answer is the first group of the **last** match of ``answer_pattern`` in its
-text (the whole match when the pattern has no group). Answers are voted for with weight 1
+text (the pattern must have a group: a pattern without one is an options error). Answers are voted for with weight 1
 (``weighting: count``) or with the candidate's sequence probability ``exp(cumulative_logprob)``
 (``weighting: logprob``, Wang et al.'s weighted vote). The output is every candidate best first:
 
@@ -41,16 +41,18 @@ class SelfConsistencyReranker:
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
-        answer_pattern: str = Field(DEFAULT_PATTERN, description="regex; its first group (or whole match) is the answer")
+        answer_pattern: str = Field(DEFAULT_PATTERN, description="regex with a group; its first group is the answer")
         weighting: Literal["count", "logprob"] = Field("count", description="vote weight: 1 per candidate, or exp(cumulative logprob)")
 
         @field_validator("answer_pattern")
         @classmethod
         def _compiles(cls, v: str) -> str:
             try:
-                re.compile(v)
+                compiled = re.compile(v)
             except re.error as e:
                 raise ValueError(f"not a valid regular expression: {e}") from None
+            if compiled.groups < 1:
+                raise ValueError(f"{v!r} has no group: put the answer in parentheses, e.g. 'The answer is (-?[0-9]+)'")
             return v
 
     def __init__(self, setup=None):
