@@ -71,6 +71,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.constraints",
     "plugins.rerankers",
     "plugins.drafters",
+    "plugins.kv_policies",
 )
 
 
