@@ -82,10 +82,12 @@ def heldout_text(tokenizer, n_tokens: int) -> list[int]:
     sys.path.insert(0, str(ROOT / "tools"))
     from demo_training import corpus
 
-    ids: list[int] = []
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids: list[int] = [] if bos is None else [bos]  # one document: a BOS only at the start
     for scene in corpus.shakespeare():
         if corpus.is_heldout("shakespeare", scene):
-            ids += tokenizer.encode(scene)
+            enc = tokenizer.encode(scene)
+            ids += enc[1:] if enc and enc[0] == bos else enc
             if len(ids) >= n_tokens:
                 break
     if len(ids) < n_tokens:
