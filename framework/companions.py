@@ -85,6 +85,51 @@ class ModelPool:
         self.bm.free_table(kv.table)
         kv.reset()
 
+    def rotate_keys(self, table: list[int], first: int, last: int, delta: int) -> bool:
+        """Re-rotate the cached keys at cache positions ``[first, last)`` of ``table`` by ``delta``
+        positions (RoPE), in every layer: what a KV policy that evicts from the middle does to the
+        keys after the hole so they read as their new cache positions (``delta < 0``).
+
+        Blocks in the range shared with another table (forks, prefix-cache hits) are first copied
+        (copy-on-write), and every block in the range leaves the prefix cache: its keys no longer
+        match its hash. False, with nothing changed, if the pool has no free block for a copy.
+        The rotation is computed in float32 (keys stored in bf16/fp16 are rounded once per call).
+        A model that does not use standard rotary embeddings provides ``rotate_keys(keys, delta)``
+        (keys ``[..., head_dim]`` at any leading shape) itself.
+        """
+        if last <= first or delta == 0:
+            return True
+        bs = self.block_size
+        copies = self.bm.copy_on_write(table, first, last)
+        if copies is None:
+            return False
+        self.storage.copy_blocks(copies)
+        lo, hi = first // bs, -(-last // bs)
+        for b in table[lo:hi]:
+            self.bm._unhash(b)
+        k_caches = [k for k, _ in self.storage.layers]  # per layer [slots, n_kv, hd], contiguous
+        dev = k_caches[0].device
+        blocks = torch.tensor(table[lo:hi], dtype=torch.long, device=dev)
+        slots = (blocks[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)[first - lo * bs : last - lo * bs]
+        keys = torch.stack([k.index_select(0, slots) for k in k_caches])  # [L, n, n_kv, hd]
+        custom = getattr(self.model, "rotate_keys", None)
+        rotated = custom(keys, delta) if custom is not None else rope_rotate(keys, delta, self.config)
+        for k, r in zip(k_caches, rotated.to(k_caches[0].dtype)):
+            k.index_copy_(0, slots, r)
+        return True
+
+
+def rope_rotate(keys: torch.Tensor, delta: int, cfg: ModelConfig) -> torch.Tensor:
+    """Keys ``[..., head_dim]`` roped at position ``p`` -> the same keys roped at ``p + delta``
+    (the model's rotary frequencies, scaling included; rotate-half layout), in float32."""
+    from framework.models.llama import rope_inv_freq, rotate_half
+
+    angle = delta * rope_inv_freq(cfg).double()  # float64 angle: exact for any delta we meet
+    emb = torch.cat((angle, angle)).to(keys.device)
+    cos, sin = emb.cos().float(), emb.sin().float()
+    k = keys.float()
+    return k * cos + rotate_half(k) * sin
+
 
 class Companion:
     """What a plugin holds of a companion model: its outputs for a step's rows, candidate

@@ -398,7 +398,7 @@ class LLMEngine:
                 outputs.append(out)
             if not finished or req.stream:
                 for s in req.seqs:
-                    s.streamed_len = len(s.text)
+                    s.streamed_len = s.text_len
         return outputs
 
     # ------------------------------------------------------------------------ stats

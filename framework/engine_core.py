@@ -179,8 +179,9 @@ class EngineCore:
         if m.first_token_time is None:
             m.first_token_time = now
         m.last_token_time = now
+        old_len = seq.text_len
         if seq.detok is not None:
-            seq.text += seq.detok.add(tok)
+            seq.append_text(seq.detok.add(tok))
         n_out = seq.num_output_tokens
         reason: str | None = None
         if tok in self.eos_token_ids and not p.ignore_eos:
@@ -190,26 +191,30 @@ class EngineCore:
         elif n_out >= p.max_tokens or (seq.num_tokens >= self.max_model_len and not self.models.main.policy.unbounded):
             reason = "length"
         if reason is not None and seq.detok is not None:
-            seq.text += seq.detok.flush()
-        if p.stop and n_out >= p.min_tokens and self._check_stop_strings(seq):  # none before min_tokens (vLLM)
+            seq.append_text(seq.detok.flush())
+        # none before min_tokens (vLLM); after the first check only the new text can hold a match
+        if p.stop and n_out >= p.min_tokens and self._check_stop_strings(seq, old_len if n_out > p.min_tokens else 0):
             reason = "stop"
         if reason is not None:
             seq.finish_reason = reason
             self.finish(seq)
 
-    def _check_stop_strings(self, seq: Sequence) -> bool:
+    def _check_stop_strings(self, seq: Sequence, checked: int) -> bool:
+        """Look for a stop string in the text past ``checked`` characters (already searched),
+        with an overlap of the longest stop string: O(new text), not O(text)."""
         p = seq.request.params
-        text = seq.text
-        # only the new text (plus an overlap of the longest stop string) can hold a new match
-        lo = max(0, seq.streamed_len - max(len(s) for s in p.stop))
+        lo = max(0, checked - max(len(s) for s in p.stop) + 1)
+        tail = seq.text_from(lo)
         hit: tuple[int, str] | None = None
         for s in p.stop:
-            idx = text.find(s, lo)
+            idx = tail.find(s)
             if idx >= 0 and (hit is None or idx < hit[0]):
                 hit = (idx, s)
         if hit is None:
             return False
         idx, s = hit
+        idx += lo
+        text = seq.text
         seq.text = text[: idx + len(s)] if p.include_stop_str_in_output else text[:idx]
         seq.stop_reason = s
         return True
@@ -279,7 +284,7 @@ class EngineCore:
         """End ``seq`` here with ``reason`` (flushing held-back text)."""
         seq.finish_reason = reason
         if seq.detok is not None:
-            seq.text += seq.detok.flush()
+            seq.append_text(seq.detok.flush())
         self.finish(seq)
 
     # ------------------------------------------------------------------------------ stats

@@ -73,6 +73,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.rerankers",
     "plugins.guidance",
     "plugins.drafters",
+    "plugins.kv_policies",
 )
 
 

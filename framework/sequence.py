@@ -70,7 +70,9 @@ class Sequence:
     kv: list[SeqKV] = field(default_factory=lambda: [SeqKV()])  # per pool of request.pools; kv[0]: main model
     draft: list[int] = field(default_factory=list)  # provisional tokens (speculative) computed after token_ids
     status: SeqStatus = SeqStatus.WAITING
-    text: str = ""
+    _text: str = ""  # the text joined so far; `text` adds the pending pieces
+    _pending: list[str] = field(default_factory=list)  # deltas appended since the last join
+    text_len: int = 0  # len(text), kept without joining
     streamed_len: int = 0  # characters of `text` already handed to a streaming consumer
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, float]] | None = None
@@ -91,6 +93,38 @@ class Sequence:
     @num_computed_tokens.setter
     def num_computed_tokens(self, value: int) -> None:
         self.kv[0].num_computed = value
+
+    # -- text ------------------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        """The output text. Appends (:meth:`append_text`) are O(1): the pieces are joined when
+        the text is read, once per read rather than once per token."""
+        if self._pending:
+            self._text = "".join([self._text, *self._pending])
+            self._pending.clear()
+        return self._text
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._text = value
+        self._pending.clear()
+        self.text_len = len(value)
+
+    def append_text(self, delta: str) -> None:
+        if delta:
+            self._pending.append(delta)
+            self.text_len += len(delta)
+
+    def text_from(self, start: int) -> str:
+        """``text[start:]`` (``start >= 0``), joining only the pieces it needs: O(len(result)
+        + pieces looked at) when ``start`` falls in the text appended since the last read."""
+        if start >= len(self._text):
+            pos, k = self.text_len, len(self._pending)
+            while k > 0 and pos > start:
+                k -= 1
+                pos -= len(self._pending[k])
+            return "".join(self._pending[k:])[start - pos :] if pos <= start else self.text[start:]
+        return self.text[start:]
 
     # -- tokens ----------------------------------------------------------------------------
     @property

@@ -1,0 +1,208 @@
+"""Long context on the demo model: attention sinks vs a plain sliding window vs dense attention.
+
+Part ``ppl``: perplexity of ``demo`` on held-out Shakespeare scenes (the demo corpus's held-out
+split, ``tools/demo_training/corpus.py``) concatenated to ``--tokens`` tokens (default 8x the
+model's 1024-token context), evaluated token by token through the engine's own KV cache: the
+text is teacher-forced one token per step by a logits processor (the reported log-probability
+is the model's, before the forcing), under
+
+* ``dense``: every block kept, the text cut into independent segments of ``--dense-ctx`` tokens
+  (256: the demo was trained on 256-token windows, so dense attention is only sound that far,
+  although its config allows 1024 positions);
+* ``window``: the ``sliding_window`` policy (no sinks) with a cache of ``--cache`` tokens;
+* ``sinks``: ``attention_sinks`` with ``--sinks`` sinks and the same cache size.
+
+Expected shape (StreamingLLM, Xiao et al. 2023): ``window`` blows up once the first tokens leave
+the cache, ``sinks`` stays close to ``dense``.
+
+Part ``gen``: one 20,000-token greedy generation under ``attention_sinks`` (4 sinks + 1020
+window, the model's context): tokens/s and KV blocks held per 2,000-token slice — flat.
+
+    python benchmarks/long_context.py                 # both parts
+    python benchmarks/long_context.py --part ppl --tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from pydantic import BaseModel, ConfigDict  # noqa: E402
+
+from framework import LLM, SamplingParams  # noqa: E402
+from framework.hookspecs import hookimpl  # noqa: E402
+from framework.plugins import PluginManager  # noqa: E402
+
+
+class _TeacherParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[int]
+
+
+class Teacher:
+    """Forces output token ``i`` to be ``tokens[i]`` (every other logit -inf)."""
+
+    def __init__(self, setup):
+        self.targets: dict[int, list[int]] = {}
+
+    def add_request(self, slot, params, request):
+        self.targets[slot] = params.tokens
+
+    def remove(self, slot):
+        self.targets.pop(slot, None)
+
+    def apply(self, logits, ctx):
+        for r, slot in enumerate(ctx.slots):
+            tgt = self.targets[slot][ctx.num_output_tokens(r)]
+            keep = logits[r, tgt].clone()
+            logits[r].fill_(-math.inf)
+            logits[r, tgt] = keep
+        return logits
+
+
+def plugin_manager() -> PluginManager:
+    plugin = types.ModuleType("long_context_teacher")
+    plugin.register_logits_processors = hookimpl(lambda register: register("teacher", Teacher, params=_TeacherParams))
+    return PluginManager(extra_plugins=[plugin])
+
+
+def heldout_text(tokenizer, n_tokens: int) -> list[int]:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from demo_training import corpus
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids: list[int] = [] if bos is None else [bos]  # one document: a BOS only at the start
+    for scene in corpus.shakespeare():
+        if corpus.is_heldout("shakespeare", scene):
+            enc = tokenizer.encode(scene)
+            ids += enc[1:] if enc and enc[0] == bos else enc
+            if len(ids) >= n_tokens:
+                break
+    if len(ids) < n_tokens:
+        raise SystemExit(f"only {len(ids)} held-out tokens available (asked {n_tokens})")
+    return ids[:n_tokens]
+
+
+def forced_logprobs(llm: LLM, ids: list[int]) -> list[float]:
+    """log P(ids[i] | ids[:i]) for i >= 1, one engine step per token."""
+    params = SamplingParams(max_tokens=len(ids) - 1, temperature=0, ignore_eos=True, logprobs=0,
+                            processors=[{"teacher": {"tokens": ids[1:]}}])
+    out = llm.generate([{"prompt_token_ids": ids[:1]}], params)[0].outputs[0]
+    assert out.token_ids == ids[1:]
+    return [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]
+
+
+def dense_logprobs(llm: LLM, ids: list[int], ctx: int) -> list[float]:
+    """Dense attention within the context: independent segments of ``ctx`` tokens."""
+    lps: list[float] = []
+    for s in range(0, len(ids) - 1, ctx - 1):
+        seg = ids[s : s + ctx]
+        lps += forced_logprobs(llm, seg)
+    return lps
+
+
+def ppl(lps: list[float]) -> float:
+    return math.exp(-sum(lps) / len(lps)) if lps else float("nan")
+
+
+def part_ppl(args, lines: list[str]) -> None:
+    common = dict(device="cpu", dtype="float32", block_size=args.block_size, num_kv_blocks=4096,
+                  plugin_manager=plugin_manager(), max_num_seqs=1)
+    dense = LLM("demo", **common)
+    ids = heldout_text(dense.tokenizer, args.tokens)
+    ctx = args.dense_ctx
+    window = args.cache - args.sinks
+    runs: dict[str, list[float]] = {}
+    t = time.perf_counter()
+    runs["dense"] = dense_logprobs(dense, ids, ctx)
+    times = {"dense": time.perf_counter() - t}
+    del dense
+    for name, policy in (("window", {"sliding_window": {"window": args.cache}}),
+                         ("sinks", {"attention_sinks": {"num_sinks": args.sinks, "window": window}})):
+        llm = LLM("demo", kv_policy=policy, **common)
+        t = time.perf_counter()
+        runs[name] = forced_logprobs(llm, ids)
+        times[name] = time.perf_counter() - t
+        assert llm.engine.block_manager.check_all_free()
+        del llm
+    step = 1024
+    bins = [(0, args.cache), (args.cache, step)] + [(a, min(a + step, len(ids) - 1)) for a in range(step, len(ids) - 1, step)]
+    lines.append(f"perplexity of demo on {len(ids)} held-out Shakespeare tokens (dense segments of {ctx}); "
+                 f"cache {args.cache} tokens (sinks: {args.sinks} sinks, block_size {args.block_size})")
+    lines.append(f"{'tokens':>13} | {'dense':>8} | {'window':>8} | {'sinks':>8}")
+    lines.append("-" * 46)
+    for a, b in bins:
+        if b <= a:
+            continue
+        lines.append(f"{a:>6}-{b:<6} | " + " | ".join(f"{ppl(runs[k][a:b]):8.2f}" for k in ("dense", "window", "sinks")))
+    lines.append(f"{'all':>13} | " + " | ".join(f"{ppl(runs[k]):8.2f}" for k in ("dense", "window", "sinks")))
+    lines.append("time (s)      | " + " | ".join(f"{times[k]:8.1f}" for k in ("dense", "window", "sinks")))
+    lines.append("(dense restarts every segment of the context: its first tokens have little context)")
+    lines.append("")
+
+
+def part_gen(args, lines: list[str]) -> None:
+    llm = LLM("demo", device="cpu", dtype="float32", num_kv_blocks=4096, max_num_seqs=1,
+              kv_policy={"attention_sinks": {"num_sinks": 4, "window": 1020}})
+    eng = llm.engine
+    eng.add_request("g", "ROMEO.", SamplingParams(max_tokens=args.gen_tokens, temperature=0, ignore_eos=True))
+    slice_ = 2000
+    rows, t0, n0, peak = [], time.perf_counter(), 0, 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        n = eng.core.num_generated_tokens
+        peak = max(peak, eng.block_manager.num_used_blocks)
+        if n - n0 >= slice_ or not eng.has_unfinished_requests():
+            dt = time.perf_counter() - t0
+            rows.append((n, (n - n0) / dt, eng.block_manager.num_used_blocks, peak))
+            t0, n0, peak = time.perf_counter(), n, 0
+    assert eng.block_manager.check_all_free()
+    lines.append(f"{args.gen_tokens}-token greedy generation, attention_sinks 4 + 1020 (block_size 16), "
+                 f"demo context {eng.max_model_len}")
+    lines.append(f"{'tokens':>8} | {'tok/s':>7} | {'blocks held':>11} | {'peak in slice':>13}")
+    lines.append("-" * 50)
+    for n, tps, held, pk in rows:
+        lines.append(f"{n:>8} | {tps:7.1f} | {held:>11} | {pk:>13}")
+    lines.append("")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["ppl", "gen", "all"], default="all")
+    ap.add_argument("--tokens", type=int, default=8 * 1024 + 1)
+    ap.add_argument("--cache", type=int, default=256, help="KV tokens kept by window / sinks")
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--dense-ctx", type=int, default=256,
+                    help="dense segments (demo was trained on 256-token windows; positions past it are untrained)")
+    ap.add_argument("--block-size", type=int, default=4)
+    ap.add_argument("--gen-tokens", type=int, default=20_000)
+    ap.add_argument("--out", default=str(HERE / "results" / "long_context.txt"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    lines = [f"# benchmarks/long_context.py --part {args.part}  ({_dt.date.today()}, {platform.processor() or platform.machine()}, 1 thread)", ""]
+    if args.part in ("ppl", "all"):
+        part_ppl(args, lines)
+    if args.part in ("gen", "all"):
+        part_gen(args, lines)
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
