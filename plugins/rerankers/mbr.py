@@ -60,7 +60,7 @@ class MBRReranker:
                                                         "samples are references only")
         weights: Literal["uniform", "logprob"] = Field("uniform", description="reference weights: uniform or "
                                                        "proportional to exp(cumulative_logprob)")
-        schedule: list[int] = Field([4, 8, 16, 32, 64, 128, 256], description="pruning: reference-set sizes")
+        schedule: list[int] = Field([8, 16, 32, 64, 128, 256], description="pruning: reference-set sizes")
         alpha: float = Field(0.99, gt=0.0, lt=1.0, description="pruning: keep a hypothesis that ties or beats the "
                              "leader in at least 1 - alpha of the bootstrap resamples")
         bootstrap: int = Field(200, ge=1, le=10000, description="pruning: bootstrap resamples per step")
