@@ -17,7 +17,7 @@ Methods:
   are not linear in the counts), but usually the same choice; needs a utility with
   ``features`` / ``aggregate`` / ``score_aggregate``.
 * ``pruning``: confidence-based pruning (Cheng & Vlachos 2023). References are visited in a
-  seeded random order; at each size of a growing schedule (``schedule``, e.g. 4, 8, 16, ...)
+  seeded random order; at each size of a growing schedule (``schedule``, default 8, 16, 32, ...)
   the surviving hypotheses' utilities against the references seen so far are bootstrapped
   (``bootstrap`` resamples) and a hypothesis that is at least as good as the current leader
   in fewer than ``1 - alpha`` of the resamples is pruned. Survivors are ranked by their
