@@ -26,7 +26,7 @@ def cli() -> None:
 @cli.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--kind", default=None, help="only this kind: tokenizer, model, sampler, logits_processor (or processor), "
-              "constraint, reranker, drafter, command, route (plurals and dashes work too)")
+              "constraint, reranker, utility, drafter, command, route (plurals and dashes work too)")
 def plugins_cmd(as_json: bool, kind: str | None) -> None:
     """List every registered name with its kind and the plugin that registered it."""
     from framework.plugins import KINDS, get_plugin_manager, normalize_kind

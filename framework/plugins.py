@@ -46,7 +46,7 @@ KINDS: dict[str, str] = {
     "route": "register_routes",
 }
 
-_KIND_ALIASES = {"processor": "logits_processor", "logits_processors": "logits_processor", "guidance": "logits_processor"}
+_KIND_ALIASES = {"utilities": "utility", "processor": "logits_processor", "logits_processors": "logits_processor", "guidance": "logits_processor"}
 
 
 def normalize_kind(kind: str) -> str | None:

@@ -28,6 +28,10 @@ SHORTHANDS = [  # each as documented in docs/pipelines.md, docs/constraints.md, 
     "engine: {kv_cache_memory: 512MiB, skip_tokenizer_init: false}",
     "server: {sampling: {n: 2}}",
     "models: {draft: demo-draft}",
+    "reranker: {mbr: {utility: chrf, method: aggregate, weights: logprob}}",  # docs/rerankers.md
+    "reranker: {best_of_n: demo-reward}",
+    "reranker: self_consistency",
+    "processors: [{ensemble: {members: {draft: 8}}}]",
 ]
 
 

@@ -17,7 +17,7 @@ Methods:
   are not linear in the counts), but usually the same choice; needs a utility with
   ``features`` / ``aggregate`` / ``score_aggregate``.
 * ``pruning``: confidence-based pruning (Cheng & Vlachos 2023). References are visited in a
-  seeded random order; at each size of a growing schedule (``schedule``, e.g. 4, 8, 16, ...)
+  seeded random order; at each size of a growing schedule (``schedule``, default 8, 16, 32, ...)
   the surviving hypotheses' utilities against the references seen so far are bootstrapped
   (``bootstrap`` resamples) and a hypothesis that is at least as good as the current leader
   in fewer than ``1 - alpha`` of the resamples is pruned. Survivors are ranked by their
@@ -60,7 +60,7 @@ class MBRReranker:
                                                         "samples are references only")
         weights: Literal["uniform", "logprob"] = Field("uniform", description="reference weights: uniform or "
                                                        "proportional to exp(cumulative_logprob)")
-        schedule: list[int] = Field([4, 8, 16, 32, 64, 128, 256], description="pruning: reference-set sizes")
+        schedule: list[int] = Field([8, 16, 32, 64, 128, 256], description="pruning: reference-set sizes")
         alpha: float = Field(0.99, gt=0.0, lt=1.0, description="pruning: keep a hypothesis that ties or beats the "
                              "leader in at least 1 - alpha of the bootstrap resamples")
         bootstrap: int = Field(200, ge=1, le=10000, description="pruning: bootstrap resamples per step")
@@ -148,12 +148,13 @@ class MBRReranker:
         else:
             hyps, refs = cands, cands
         scores, order = self.rank([c.text for c in hyps], [c.text for c in refs],
-                                  [c.cumulative_logprob for c in refs], opts)
+                                  [c.cumulative_logprob for c in refs], opts, same=hyps is refs)
         return [ScoredCandidate(i, float(scores[i])) for i in order]
 
     def rank(self, hyps: Sequence[str], refs: Sequence[str], ref_logprobs: Sequence[float | None],
-             opts: Params) -> tuple[np.ndarray, list[int]]:
-        """(score per hypothesis, hypothesis indices best first) — the whole MBR computation."""
+             opts: Params, same: bool = False) -> tuple[np.ndarray, list[int]]:
+        """(score per hypothesis, hypothesis indices best first) — the whole MBR computation
+        (``same``: ``refs`` are the hypotheses themselves)."""
         if not hyps:
             return np.zeros(0), []
         u = self.utility(opts.utility, opts.utility_options)
@@ -165,7 +166,8 @@ class MBRReranker:
             scores = aggregate_scores(u, hyps, refs, w)
             order = best_first(scores)
         else:
-            scores, order = pruning_mbr(u, hyps, refs, w, opts.schedule, opts.alpha, opts.bootstrap, opts.seed)
+            scores, order = pruning_mbr(u, hyps, refs, w, opts.schedule, opts.alpha, opts.bootstrap, opts.seed,
+                                        same=same)
         return scores, order
 
 
@@ -198,11 +200,16 @@ def aggregate_scores(u: Any, hyps: Sequence[str], refs: Sequence[str], w: np.nda
 
 
 def pruning_mbr(u: Any, hyps: Sequence[str], refs: Sequence[str], w: np.ndarray, schedule: Sequence[int],
-                alpha: float, bootstrap: int, seed: int) -> tuple[np.ndarray, list[int]]:
+                alpha: float, bootstrap: int, seed: int, same: bool = False) -> tuple[np.ndarray, list[int]]:
     """Confidence-based pruning MBR (Cheng & Vlachos 2023); see the module docstring.
 
+    ``same``: the references are the hypotheses themselves (``references: candidates``). Then
+    the pruning decisions leave each hypothesis's utility against itself out (a hypothesis that
+    happens to be among the first references seen would otherwise lead by its self-match and
+    prune the rest); the final scores include it, as exact MBR's do.
+
     Returns (scores, order): a survivor's score is its weighted mean utility over all references
-    it was scored against; a pruned hypothesis keeps the estimate it was pruned with.
+    (its exact MBR score); a pruned hypothesis keeps the estimate it was pruned with.
     """
     H, R = len(hyps), len(refs)
     rng = np.random.default_rng(seed)
@@ -222,18 +229,23 @@ def pruning_mbr(u: Any, hyps: Sequence[str], refs: Sequence[str], w: np.ndarray,
         seen = perm[:size]
         ws = w[seen]
         ws = ws / ws.sum() if ws.sum() > 0 else np.full(len(seen), 1.0 / len(seen))
-        est = matrix[np.ix_(alive, seen)] @ ws
-        scores[alive] = est
+        sub = matrix[np.ix_(alive, seen)]  # [A, S]
+        scores[alive] = sub @ ws
         if size == R or len(alive) == 1:
             break
         # bootstrap the references seen so far: how often does each survivor tie or beat the leader?
-        leader = alive[int(np.argmax(est))]
-        idx = rng.choice(len(seen), size=(bootstrap, len(seen)), replace=True, p=ws)
-        sub = matrix[np.ix_(alive, seen)]  # [A, S]
-        boot = sub[:, idx].mean(axis=2)  # [A, B]: mean utility per resample (resampled by weight)
-        lead_row = alive.index(leader)
+        mask = np.ones_like(sub)
+        if same:
+            mask[np.array(alive)[:, None] == seen[None, :]] = 0.0
+        wm = mask * ws[None, :]
+        est = (sub * wm).sum(axis=1) / np.maximum(wm.sum(axis=1), 1e-300)
+        lead_row = int(np.argmax(est))
+        idx = rng.choice(len(seen), size=(bootstrap, len(seen)), replace=True, p=ws)  # resampled by weight
+        num = (sub * mask)[:, idx].sum(axis=2)  # [A, B]
+        den = mask[:, idx].sum(axis=2)
+        boot = np.where(den > 0, num / np.maximum(den, 1), est[:, None])  # no other reference drawn: no news
         wins = (boot >= boot[lead_row][None, :] - 1e-12).mean(axis=1)
-        keep = [a for k, a in enumerate(alive) if wins[k] >= 1.0 - alpha or a == leader]
+        keep = [a for k, a in enumerate(alive) if wins[k] >= 1.0 - alpha or k == lead_row]
         pruned_at.extend((step, a) for a in alive if a not in keep)
         alive = keep
     survivors = sorted(alive, key=lambda i: (-scores[i], i))
