@@ -105,11 +105,13 @@ def forced_logprobs(llm: LLM, ids: list[int]) -> list[float]:
 
 
 def dense_logprobs(llm: LLM, ids: list[int], ctx: int) -> list[float]:
-    """Dense attention within the context: independent segments of ``ctx`` tokens."""
+    """Dense attention within the context: independent segments of ``ctx`` tokens, each one
+    prefill whose prompt logprobs are the same numbers a token-by-token pass gives."""
     lps: list[float] = []
     for s in range(0, len(ids) - 1, ctx - 1):
         seg = ids[s : s + ctx]
-        lps += forced_logprobs(llm, seg)
+        out = llm.generate([{"prompt_token_ids": seg}], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+        lps += [lp[t] for lp, t in zip(out.prompt_logprobs[1:], seg[1:])]
     return lps
 
 
@@ -160,8 +162,11 @@ def part_gen(args, lines: list[str]) -> None:
     eng.add_request("g", "ROMEO.", SamplingParams(max_tokens=args.gen_tokens, temperature=0, ignore_eos=True))
     slice_ = 2000
     rows, t0, n0, peak = [], time.perf_counter(), 0, 0
+    step_ms: list[float] = []
     while eng.has_unfinished_requests():
+        ts = time.perf_counter()
         eng.step()
+        step_ms.append((time.perf_counter() - ts) * 1e3)
         n = eng.core.num_generated_tokens
         peak = max(peak, eng.block_manager.num_used_blocks)
         if n - n0 >= slice_ or not eng.has_unfinished_requests():
@@ -175,6 +180,11 @@ def part_gen(args, lines: list[str]) -> None:
     lines.append("-" * 50)
     for n, tps, held, pk in rows:
         lines.append(f"{n:>8} | {tps:7.1f} | {held:>11} | {pk:>13}")
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / max(1, len(xs))
+    a, b = mean(step_ms[1:501]), mean(step_ms[4500:5000])
+    lines.append(f"ms/step (engine step, host + forward): steps 1-500 {a:.2f}, 4500-5000 {b:.2f} "
+                 f"(ratio {b / a:.2f}), last 500 {mean(step_ms[-500:]):.2f}")
     lines.append("")
 
 

@@ -145,7 +145,8 @@ def reference_markdown(plugin_manager=None) -> str:
         *_field_rows(SamplingParams, skip=("processors", "constraint", "reranker")),
         "",
     ]
-    titles = {"logits_processor": "`processors`", "constraint": "`constraint`", "reranker": "`reranker`", "drafter": "`drafter`"}
+    titles = {"logits_processor": "`processors`", "constraint": "`constraint`", "reranker": "`reranker`", "drafter": "`drafter`",
+              "kv_policy": "`engine.kv_policy`"}
     for kind, title in titles.items():
         out += [f"## {title}", ""]
         regs = list(pm.registry(kind))

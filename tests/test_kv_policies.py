@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from framework import LLM, SamplingParams
+from framework.errors import ConfigError
 from framework.hookspecs import hookimpl
 from framework.plugins import PluginManager
 
@@ -180,9 +181,9 @@ def test_memory_is_constant_and_options_are_validated():
     assert max(held) <= 1 + math.ceil(28 / BS) + 1
     assert max(held[-100:]) == max(held[100:200])
     assert eng.block_manager.check_all_free()
-    with pytest.raises(Exception, match="window"):
+    with pytest.raises(ConfigError, match="window"):
         LLM("demo", kv_policy={"attention_sinks": {"window": 0}}, num_kv_blocks=8, device="cpu")
-    with pytest.raises(Exception, match="num_sink"):
+    with pytest.raises(ConfigError, match="num_sink"):
         LLM("demo", kv_policy={"attention_sinks": {"num_sink": 4}}, num_kv_blocks=8, device="cpu")
 
 
@@ -214,3 +215,23 @@ def test_per_step_host_work_does_not_grow_with_length(text_model):
     first, last = sum(body[:500]) / 500, sum(body[-500:]) / 500
     assert last <= 1.2 * first, (first, last)
     assert eng.block_manager.check_all_free()
+
+
+@torch.inference_mode()
+def test_evicted_and_rotated_blocks_leave_the_prefix_cache(checkpoints):
+    """After a long sink-policy generation, a prompt made of that sequence's tokens may reuse
+    only blocks whose content is still what the prefix cache says: its logits equal a fresh
+    engine's."""
+    kw = dict(skip_tokenizer_init=True, block_size=BS, num_kv_blocks=64, dtype="float32", device="cpu",
+              kv_policy={"attention_sinks": {"num_sinks": 4, "window": 12}})
+    llm = LLM(str(checkpoints["qwen2"]), **kw)
+    prompt = [7 + (i * 5) % 300 for i in range(24)]
+    greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, logprobs=5)
+    first = llm.generate([{"prompt_token_ids": prompt}], greedy)[0].outputs[0]
+    again = prompt + first.token_ids[:16]
+    reused = llm.generate([{"prompt_token_ids": again}], greedy)[0].outputs[0]
+    assert llm.engine.block_manager.stats.hits > 0  # the sink blocks were shared
+    fresh = LLM(str(checkpoints["qwen2"]), **kw).generate([{"prompt_token_ids": again}], greedy)[0].outputs[0]
+    assert reused.token_ids == fresh.token_ids
+    for a, b in zip(reused.logprobs, fresh.logprobs):
+        assert a.keys() == b.keys() and max(abs(a[t] - b[t]) for t in a) < 1e-4
