@@ -34,7 +34,7 @@ import torch
 from framework.errors import ModelLoadError
 from framework.kv_cache import BlockManager, KVCacheStorage
 from framework.kv_policy import KeepAll, KVPolicy
-from framework.model_runner import CandidateItem, ForwardItem, ModelRunner
+from framework.model_runner import ForwardItem, ModelRunner
 from framework.models.config import ModelConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -219,19 +219,19 @@ class Companion:
         *after* each candidate."""
         pool = self.pool
         R, K = tokens.shape
-        ids = tokens.tolist()
-        items = []
         pick = range(len(ctx)) if rows is None else rows
         if len(pick) != R:
             raise ValueError(f"{R} rows of candidates for {len(pick)} rows of the context")
-        for i, r in enumerate(pick):
+        tables, ctx_lens = [], []
+        for r in pick:
             seq = ctx.seqs[r]
             kv = pool.seq_kv(seq)
             ctx_len = len(ctx.token_ids[r]) - kv.num_evicted
             if ctx_len > kv.cache_len():
                 raise RuntimeError(f"companion {self.name!r} has not computed row {r}'s prefix")
-            items.append(CandidateItem(kv.table, ctx_len, ids[i]))
-        hidden = pool.runner.forward_candidates(items)
+            tables.append(kv.table)
+            ctx_lens.append(ctx_len)
+        hidden = pool.runner.forward_candidate_rows(tables, ctx_lens, tokens)
         out = pool.outputs(hidden)
         return out.view(R, K, out.shape[-1])
 

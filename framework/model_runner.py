@@ -104,11 +104,17 @@ class ModelRunner:
         k = len(items[0].tokens)
         if any(len(it.tokens) != k for it in items):  # ragged: one call per distinct K
             return torch.cat([self.forward_candidates([it]) for it in items])
-        ids = [t for it in items for t in it.tokens]
-        positions = [it.ctx_len for it in items for _ in it.tokens]
-        meta = AttentionMetadata.build_candidates(
-            [it.ctx_len for it in items], [it.table for it in items], k, self.group, self.block_size, self._sliding_window
-        ).to(self.device)
-        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids = torch.tensor([t for it in items for t in it.tokens], dtype=torch.long, device=self.device).view(len(items), k)
+        return self.forward_candidate_rows([it.table for it in items], [it.ctx_len for it in items], ids)
+
+    @torch.inference_mode()
+    def forward_candidate_rows(self, tables: list[list[int]], ctx_lens: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_candidates` for ``B`` rows of ``K`` candidates each given as one
+        ``tokens [B, K]`` tensor: row ``b``'s candidates sit after the cached prefix
+        ``[0, ctx_lens[b])`` of ``tables[b]``. Returns ``[B * K, H]`` (row-major); no per-candidate
+        Python work, no device-to-host copy."""
+        B, k = tokens.shape
+        meta = AttentionMetadata.build_candidates(ctx_lens, tables, k, self.group, self.block_size, self._sliding_window).to(self.device)
+        ids_t = tokens.reshape(-1).to(device=self.device, dtype=torch.long)
+        pos_t = torch.tensor(ctx_lens, dtype=torch.long, device=self.device).repeat_interleave(k)
         return self.model(ids_t, pos_t, self.kv.layers, meta)

@@ -99,13 +99,13 @@ class AttentionMetadata:
         bt = torch.tensor([t[:n_blocks] + [0] * (n_blocks - len(t[:n_blocks])) for t in block_tables], dtype=torch.long)
         ctx_slots = (bt[:, :, None] * block_size + torch.arange(block_size)).view(B, -1)[:, :max_ctx].reshape(-1)
         ct = torch.tensor(ctx_lens)
-        k_pos = torch.arange(max_ctx)[None, :]
-        ctx_ok = k_pos < ct[:, None]  # [B, max_ctx]
-        if sliding_window is not None:
-            ctx_ok &= k_pos > (ct[:, None] - sliding_window)
-        own = torch.eye(K, dtype=torch.bool)
-        m = torch.cat((ctx_ok[:, None, :].expand(B, K, max_ctx), own.expand(B, K, K)), dim=-1)  # [B, K, ctx + K]
-        mask = m[:, None, None].expand(B, 1, group, K, max_ctx + K).reshape(B, 1, group * K, max_ctx + K)
+        mask = None
+        if min(ctx_lens) != max_ctx or sliding_window is not None:
+            k_pos = torch.arange(max_ctx)[None, :]
+            ctx_ok = k_pos < ct[:, None]  # [B, max_ctx]
+            if sliding_window is not None:
+                ctx_ok &= k_pos > (ct[:, None] - sliding_window)
+            mask = ctx_ok[:, None, None, :]  # [B, 1, 1, max_ctx]: the prefix positions each row sees
         return AttentionMetadata(
             slot_mapping=torch.empty(0, dtype=torch.long), ctx_slots=ctx_slots, batch_size=B, max_ctx=max_ctx,
             max_q=K, q_index=None, attn_mask=mask, num_candidates=K,
@@ -167,20 +167,34 @@ def paged_attention(
 
 def _candidate_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, compute_dtype) -> torch.Tensor:
     """Candidate mode: ``K`` sibling queries per row over the row's cached prefix plus their own
-    (uncached) keys and values."""
+    (uncached) key and value.
+
+    Each row's prefix K/V is gathered once and shared by its ``K`` candidates (one
+    ``[g * K, ctx]`` score matmul per row and KV head); the candidate's own key enters as one
+    extra score ``q . k_self`` (no ``K x K`` block of masked-out siblings), joined to the prefix
+    scores in one softmax: ``out = (sum_j e^{s_j} V_j + e^{s_self} v_self) / Z``."""
     T, n_heads, d = q.shape
     n_kv = k.shape[1]
     g = n_heads // n_kv
     B, K = meta.batch_size, meta.num_candidates
-    K_ctx = k_cache.index_select(0, meta.ctx_slots).view(B, meta.max_ctx, n_kv, d)
-    V_ctx = v_cache.index_select(0, meta.ctx_slots).view(B, meta.max_ctx, n_kv, d)
-    keys = torch.cat((K_ctx, k.view(B, K, n_kv, d)), dim=1).transpose(1, 2)  # [B, n_kv, ctx + K, d]
-    values = torch.cat((V_ctx, v.view(B, K, n_kv, d)), dim=1).transpose(1, 2)
-    qp = q.view(B, K, n_kv, g, d).permute(0, 2, 3, 1, 4).reshape(B, n_kv, g * K, d)
-    if compute_dtype is not None and compute_dtype != q.dtype:
-        out = F.scaled_dot_product_attention(
-            qp.to(compute_dtype), keys.to(compute_dtype), values.to(compute_dtype), attn_mask=meta.attn_mask, scale=scale
-        ).to(q.dtype)
-    else:
-        out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=meta.attn_mask, scale=scale)
-    return out.view(B, n_kv, g, K, d).permute(0, 3, 1, 2, 4).reshape(T, n_heads * d)
+    dt = compute_dtype if compute_dtype is not None else q.dtype
+    K_ctx = k_cache.index_select(0, meta.ctx_slots).view(B, meta.max_ctx, n_kv, d).transpose(1, 2).to(dt)  # [B, n_kv, ctx, d]
+    V_ctx = v_cache.index_select(0, meta.ctx_slots).view(B, meta.max_ctx, n_kv, d).transpose(1, 2).to(dt)
+    q5 = q.view(B, K, n_kv, g, d).to(dt)
+    qp = q5.permute(0, 2, 3, 1, 4).reshape(B, n_kv, g * K, d)  # [B, n_kv, g*K, d]
+    if meta.attn_mask is None:
+        scores = torch.matmul(qp, K_ctx.transpose(-1, -2)).mul_(scale)  # [B, n_kv, g*K, ctx]
+    else:  # the scaled scores plus 0 / -inf where a row's prefix ends, in one op
+        bias = torch.zeros(meta.attn_mask.shape, dtype=dt, device=q.device).masked_fill_(~meta.attn_mask, float("-inf"))
+        scores = torch.baddbmm(bias.expand(B, n_kv, 1, meta.max_ctx).reshape(B * n_kv, 1, meta.max_ctx),
+                               qp.reshape(B * n_kv, g * K, d), K_ctx.transpose(-1, -2).reshape(B * n_kv, d, meta.max_ctx),
+                               alpha=scale).view(B, n_kv, g * K, meta.max_ctx)
+    k_own = k.view(B, K, n_kv, 1, d).to(dt)
+    own = (q5 * k_own).sum(-1).mul_(scale).permute(0, 2, 3, 1).reshape(B, n_kv, g * K, 1)  # [B, n_kv, g*K, 1]
+    m = torch.maximum(scores.amax(dim=-1, keepdim=True), own)
+    p = scores.sub_(m).exp_()
+    p_own = own.sub_(m).exp_()
+    z = p.sum(dim=-1, keepdim=True).add_(p_own)
+    v_own = v.view(B, K, n_kv, 1, d).to(dt).permute(0, 2, 3, 1, 4).expand(B, n_kv, g, K, d).reshape(B, n_kv, g * K, d)
+    out = torch.matmul(p, V_ctx).addcmul_(p_own, v_own).div_(z)  # [B, n_kv, g*K, d]
+    return out.to(q.dtype).view(B, n_kv, g, K, d).permute(0, 3, 1, 2, 4).reshape(T, n_heads * d)
