@@ -5,7 +5,8 @@ References:
   ``prefix + candidate`` (``PrefixScorer`` dense forward), the formulas of the papers applied to
   the logits the processor received;
 * contrastive: the amateur run alone over the prefix (a fresh cache, one forward);
-* cached == uncached (``cache: false``, the papers' reference implementation) over 50 steps,
+* cached == uncached (``cache: false``, the papers' reference implementation; for contrastive
+  the amateur re-run on the whole prefix every step) over 50 steps,
   through preemption and n > 1.
 The logits a processor gets and returns are recorded by probe processors listed around it.
 """
@@ -227,7 +228,8 @@ def test_contrastive_equals_the_amateur_run_alone_in_a_mixed_batch(tok):
 
 
 # ----------------------------------------------------------------------- cached == uncached
-@pytest.mark.parametrize("name,opts", [("fudge", {"strength": 4.0, "top_k": 8}), ("rad", {"beta": 20.0, "top_k": 10})])
+@pytest.mark.parametrize("name,opts", [("fudge", {"strength": 4.0, "top_k": 8}), ("rad", {"beta": 20.0, "top_k": 10}),
+                                       ("contrastive", {"alpha": 0.1, "beta": 0.5})])
 def test_cached_equals_uncached_over_50_steps_through_preemption_and_n2(tok, name, opts):
     def outputs(cache: bool, **engine):
         llm = LLM("demo", block_size=4, **engine)

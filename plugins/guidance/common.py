@@ -120,3 +120,39 @@ class UncachedScorer:
             full = torch.cat((prefix[None, :].expand(K, -1), tokens[i][:, None]), dim=1)
             out.append(scorer(full)[:, -1].float())
         return torch.stack(out)
+
+
+class UncachedLM:
+    """The reference for a language-model companion (``contrastive``'s ``cache: false``): the
+    model re-run over each row's whole prefix every step (a dense forward, no cache), giving
+    the next-token logits after it. For checks and for the benchmarks' cost comparison."""
+
+    def __init__(self, setup: ProcessorSetup) -> None:
+        self.setup = setup
+        self._models: dict[str, Any] = {}
+
+    def get(self, ref: str) -> Any:
+        from framework.models.loader import load_model
+
+        models = self.setup.models
+        assert models is not None
+        path = str(models.resolve(ref).resolve())
+        m = self._models.get(path)
+        if m is None:
+            eng = models.engine
+            m, _, _ = load_model(path, eng.dtype, self.setup.device, eng.pm)
+            if not hasattr(m, "forward_dense"):
+                raise ValueError(f"{ref!r}: its model class has no dense forward, so it cannot run uncached (cache: false)")
+            self._models[path] = m
+        return m
+
+    @torch.inference_mode()
+    def logits(self, ref: str, ctx: StepContext, rows: list[int]) -> torch.Tensor:
+        """Next-token logits ``[len(rows), V]`` (float32) after each row's whole prefix."""
+        model = self.get(ref)
+        out = []
+        for r in rows:
+            ids = torch.tensor([list(ctx.token_ids[r])], dtype=torch.long, device=self.setup.device)
+            hidden, _ = model.forward_dense(ids)
+            out.append(model.compute_logits(hidden[0, -1:])[0])
+        return torch.stack(out)

@@ -13,7 +13,9 @@ smaller language model run as a lockstep companion on the same tokens:
 * ``z'(v) = -inf`` outside ``H``.
 
 Greedy decoding of ``z'`` is the papers' contrastive search over the head; sampling draws from
-``softmax(z')`` (after temperature and truncation, which run later in the chain).
+``softmax(z')`` (after temperature and truncation, which run later in the chain). ``cache: false``
+re-runs the amateur over the whole prefix every step instead (the reference, for checks and
+benchmarks).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from framework.processors import ProcessorSetup, Stage, StepContext
-from plugins.guidance.common import NEG_INF, GuidanceBase, companion_for, group_rows, rows_tensor
+from plugins.guidance.common import NEG_INF, GuidanceBase, UncachedLM, companion_for, group_rows, rows_tensor
 
 
 class ContrastiveParams(BaseModel):
@@ -38,6 +40,7 @@ class ContrastiveParams(BaseModel):
     beta: float = Field(0.5, ge=0.0, allow_inf_nan=False, description="weight of the amateur (obrien scoring)")
     amateur_temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="temperature of the amateur's distribution")
     scoring: Literal["obrien", "li"] = Field("obrien", description="obrien: (1+beta) s_exp - beta s_ama; li: log p_exp - log p_ama")
+    cache: bool = Field(True, description="false: re-run the amateur on the whole prefix every step (no companion KV; the reference)")
 
 
 class Contrastive(GuidanceBase):
@@ -48,6 +51,7 @@ class Contrastive(GuidanceBase):
 
     def __init__(self, setup: ProcessorSetup) -> None:
         super().__init__(setup)
+        self.uncached = UncachedLM(setup)
 
     def _companion(self, params: ContrastiveParams) -> Any:
         return companion_for(self.setup, "amateur", params.amateur, kind="lm")
@@ -59,12 +63,12 @@ class Contrastive(GuidanceBase):
         return params
 
     def companions(self, params: ContrastiveParams) -> list[Any]:
-        return [self._companion(params)]
+        return [self._companion(params)] if params.cache else []
 
-    def _plan(self, ctx: StepContext, device: torch.device) -> list[tuple[str, list[int], torch.Tensor | None, dict[str, torch.Tensor]]]:
+    def _plan(self, ctx: StepContext, device: torch.device) -> list[tuple[str, bool, list[int], torch.Tensor | None, dict[str, torch.Tensor]]]:
         params = self.row_params(ctx)
         plan = []
-        for ref, rows in group_rows(p.amateur for p in params).items():
+        for (ref, cache), rows in group_rows((p.amateur, p.cache) for p in params).items():
             ps = [params[r] for r in rows]
             t = {
                 "log_alpha": torch.tensor([math.log(p.alpha) if p.alpha > 0 else NEG_INF for p in ps], device=device),
@@ -72,14 +76,17 @@ class Contrastive(GuidanceBase):
                 "w_ama": torch.tensor([1.0 if p.scoring == "li" else p.beta for p in ps], device=device),
                 "inv_t": torch.tensor([1.0 / p.amateur_temperature for p in ps], device=device),
             }
-            plan.append((ref, rows, rows_tensor(rows, len(ctx), device), t))
+            plan.append((ref, cache, rows, rows_tensor(rows, len(ctx), device), t))
         return plan
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         plan = self.cached(ctx, "plan", lambda: self._plan(ctx, logits.device))
-        for ref, rows, rows_t, t in plan:
+        for ref, cache, rows, rows_t, t in plan:
             z = (logits if rows_t is None else logits.index_select(0, rows_t)).float()
-            amateur = self.setup.models.get(ref).logits(ctx, None if rows_t is None else rows).float()  # type: ignore[union-attr]
+            if cache:
+                amateur = self.setup.models.get(ref).logits(ctx, None if rows_t is None else rows).float()  # type: ignore[union-attr]
+            else:
+                amateur = self.uncached.logits(ref, ctx, rows)
             s_exp = torch.log_softmax(z, dim=-1)
             s_ama = torch.log_softmax(amateur * t["inv_t"][:, None], dim=-1)
             head = s_exp >= s_exp.amax(dim=-1, keepdim=True) + t["log_alpha"][:, None]
