@@ -331,6 +331,50 @@ class Companion:
         return torch.cat(results)
 
 
+class ModelCatalog:
+    """Companion models described offline, from their ``config.json`` only (no weights, no KV):
+    what ``decodekit validate`` gives processors as ``ProcessorSetup.catalog`` so that
+    companion-dependent options (an unknown classifier, a reward model where a classifier is
+    wanted, a label the classifier lacks, another vocabulary) are checked without an engine.
+    ``get(ref)`` returns a :class:`Companion` whose descriptive members work (``name``, ``kind``,
+    ``config``, ``labels``, ``scorer_kind``, ``label_index``, ``to_scores``); it cannot run."""
+
+    def __init__(self, main_config: ModelConfig, aliases: dict[str, str] | None = None, pm: Any = None):
+        self.main_config = main_config
+        self.aliases = dict(aliases or {})
+        self.pm = pm
+        self._by_path: dict[str, Companion] = {}
+
+    def resolve(self, ref: str) -> Path:
+        from framework.models.loader import resolve_model_dir
+
+        return resolve_model_dir(self.aliases.get(ref, ref), self.pm)
+
+    def get(self, ref: str | os.PathLike, *, lockstep: bool = True, num_blocks: int | None = None) -> Companion:
+        """The description of ``ref``; ValueError (as :meth:`ModelSet.get`) for an unknown name,
+        a broken scorer config or another vocabulary."""
+        from types import SimpleNamespace
+
+        from framework.models.scorer import ScorerSpec
+
+        ref = str(ref)
+        try:
+            path = self.resolve(ref)
+            key = str(path.resolve())
+            comp = self._by_path.get(key)
+            if comp is None:
+                cfg = ModelConfig.from_dir(path)
+                spec = ScorerSpec.from_config(cfg.raw, str(path / "config.json")) if cfg.architecture == SCORER_ARCHITECTURE else None
+                comp = Companion(SimpleNamespace(name=ref, kind="lm" if spec is None else "scorer", config=cfg, spec=spec))  # type: ignore[arg-type]
+                self._by_path[key] = comp
+        except ModelLoadError as exc:
+            raise ValueError(f"companion model {ref!r}: {exc}") from None
+        if comp.config.vocab_size != self.main_config.vocab_size:
+            raise ValueError(f"companion model {ref!r} ({path}) has a vocabulary of {comp.config.vocab_size} tokens; "
+                             f"the main model has {self.main_config.vocab_size}: it must read the same token ids")
+        return comp
+
+
 def _common_prefix_len(seqs: list[list[int]]) -> int:
     first = seqs[0]
     n = min(len(s) for s in seqs)
@@ -494,4 +538,4 @@ class ModelSet:
         return all(p.bm.check_all_free() for p in self.pools)
 
 
-__all__ = ["Companion", "ModelPool", "ModelSet", "ModelKind"]
+__all__ = ["Companion", "ModelCatalog", "ModelPool", "ModelSet", "ModelKind"]

@@ -81,6 +81,17 @@ def validate_pipeline(path: str | os.PathLike, *, plugin_manager: Any = None) ->
     raise SpecError(loaded.source, [_Located(_marks(node)).issue(section, message)])
 
 
+def _option_path(message: str) -> tuple:
+    """The option a processor's message names first (``"target: unknown label"`` -> ``("target",)``,
+    ``"attributes[1].classifier: ..."`` -> ``("attributes", 1, "classifier")``), or ``()``."""
+    import re
+
+    head = message.split(":", 1)[0].strip() if ":" in message else ""
+    if not re.fullmatch(r"[A-Za-z_]\w*(\[\d+\](\.[A-Za-z_]\w*)?)*", head):
+        return ()
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"\[(\d+)\]\.?", head) if t)
+
+
 def _admission_problem(loaded: LoadedSpec, plugin_manager: Any) -> tuple[tuple, str] | None:
     """``(spec path, message)`` of the first check the engine's admission would fail."""
     import torch
@@ -108,7 +119,11 @@ def _admission_problem(loaded: LoadedSpec, plugin_manager: Any) -> tuple[tuple, 
     eos = set(getattr(tokenizer, "eos_token_ids", ()) or ())
     if isinstance(cfg.eos_token_id, int):
         eos.add(cfg.eos_token_id)
-    chain = ProcessorChain(pm.registry("logits_processor"), ProcessorSetup(cfg.vocab_size, torch.device("cpu"), frozenset(eos), tokenizer))
+    from framework.companions import ModelCatalog
+
+    catalog = ModelCatalog(cfg, loaded.models, pm)  # companions described from their config.json
+    chain = ProcessorChain(pm.registry("logits_processor"),
+                           ProcessorSetup(cfg.vocab_size, torch.device("cpu"), frozenset(eos), tokenizer, catalog=catalog))
     if PROCESSOR_NAME in pm.registry("logits_processor"):
         chain.instance(PROCESSOR_NAME).bind(pm)
     if params.constraint_spec() is not None and tokenizer is None:
@@ -126,6 +141,6 @@ def _admission_problem(loaded: LoadedSpec, plugin_manager: Any) -> tuple[tuple, 
             return ("sampling", field) if field else ("sampling",), msg
         for i, ref in enumerate(loaded.processors):
             if msg.startswith(f"{ref.name}:") or f" {ref.name!r} " in msg:
-                return ("processors", i, ref.name), msg
+                return ("processors", i, ref.name) + _option_path(msg.removeprefix(f"{ref.name}: ")), msg
         return ("sampling",), msg
     return None

@@ -43,7 +43,7 @@ import torch
 from framework.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
-    from framework.companions import Companion, ModelSet
+    from framework.companions import Companion, ModelCatalog, ModelSet
     from framework.sequence import Sequence as Seq
 
 
@@ -71,6 +71,10 @@ class ProcessorSetup:
     # companion models by alias, registered name or directory: ``models.get("demo-sentiment")``
     # (framework/companions.py); None outside an engine
     models: "ModelSet | None" = None
+    # offline (``decodekit validate``): companion models described from their config.json only,
+    # ``catalog.get(ref)`` -> a Companion that has name, kind, config, labels, scorer_kind and
+    # label_index but cannot run; None in an engine (use ``models``)
+    catalog: "ModelCatalog | None" = None
 
 
 @dataclass(frozen=True, slots=True)

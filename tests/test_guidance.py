@@ -351,3 +351,36 @@ def test_server_extra_body_guidance_matches_the_library_and_names_bad_fields(tmp
         assert r.usage.completion_tokens == 4  # the server goes on serving
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------- offline validation
+@pytest.mark.parametrize("options,line,path,words", [
+    ("fudge: {classifier: no-such-model}", 3, "processors[0].fudge.classifier", ["no-such-model", "registered"]),
+    ("fudge:\n      classifier: demo-reward", 4, "processors[0].fudge.classifier", ["reward model, not a classifier"]),
+    ("fudge:\n      classifier: demo-sentiment\n      target: joyful", 5, "processors[0].fudge.target",
+     ["unknown label 'joyful'", "negative", "positive"]),
+    ("fudge:\n      attributes:\n        - {classifier: demo-sentiment}\n        - {classifier: s, target: 7}", 6,
+     "processors[0].fudge.attributes[1].target", ["label index 7 out of range"]),
+    ("rad: {reward_model: s}", 3, "processors[0].rad.reward_model", ["classifier model, not a reward"]),
+    ("contrastive: {amateur: demo-reward}", 3, "processors[0].contrastive.amateur", ["prefix scorer", "not a language model"]),
+])
+def test_validate_reports_companion_errors_offline_at_the_field(tmp_path, options, line, path, words):
+    """``decodekit validate`` checks companion-dependent options from the models' config.json
+    (registered names, spec ``models:`` aliases): the error names the file, the line of the
+    field and the field."""
+    from framework.pipeline import validate_pipeline
+    from framework.spec import SpecError
+
+    spec = tmp_path / "g.yaml"
+    spec.write_text(f"model: demo\nprocessors:\n  - {options}\nmodels:\n  s: demo-sentiment\n")
+    with pytest.raises(SpecError) as exc:
+        validate_pipeline(spec)
+    (issue,) = exc.value.issues
+    assert (issue.path, issue.line) == (path, line), str(exc.value)
+    msg = str(exc.value)
+    assert msg.startswith(f"{spec}:{line}:") and all(w in msg for w in words), msg
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("model: demo\nmodels:\n  s: demo-sentiment\nprocessors:\n"
+                  "  - fudge: {classifier: s, target: negative, attributes: [{classifier: demo-sentiment, target: 1}]}\n"
+                  "  - rad: {reward_model: demo-reward}\n  - contrastive: {amateur: demo-draft}\n")
+    assert [p.name for p in validate_pipeline(ok).processors] == ["fudge", "rad", "contrastive"]

@@ -20,10 +20,11 @@ NEG_INF = float("-inf")
 def companion_for(setup: ProcessorSetup, field: str, ref: str, *, kind: str, scorer_kind: str | None = None) -> Any:
     """``setup.models.get(ref)``, checked to be a ``kind`` (``"lm"`` or ``"scorer"``) and, for a
     scorer, a ``scorer_kind`` (``"classifier"`` / ``"reward"``). ValueError naming ``field``."""
-    if setup.models is None:
+    models = setup.models if setup.models is not None else setup.catalog  # catalog: offline validation
+    if models is None:
         raise ValueError(f"{field}: guidance needs an engine with companion models (setup.models is None)")
     try:
-        comp = setup.models.get(ref)
+        comp = models.get(ref)
     except ValueError as exc:
         raise ValueError(f"{field}: {exc}") from None
     if comp.kind != kind:

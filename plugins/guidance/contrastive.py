@@ -57,7 +57,7 @@ class Contrastive(GuidanceBase):
         return companion_for(self.setup, "amateur", params.amateur, kind="lm")
 
     def prepare(self, params: ContrastiveParams, sampling: Any) -> ContrastiveParams:
-        if self.setup.models is None:  # offline validation (no engine): the options only
+        if self.setup.models is None and self.setup.catalog is None:  # no engine, no model descriptions: the options only
             return params
         self._companion(params)
         return params

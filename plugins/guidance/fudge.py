@@ -84,7 +84,7 @@ class Fudge(GuidanceBase):
         return tuple(terms)
 
     def prepare(self, params: FudgeParams, sampling: Any) -> FudgeParams:
-        if self.setup.models is None:  # offline validation (no engine): the options only
+        if self.setup.models is None and self.setup.catalog is None:  # no engine, no model descriptions: the options only
             return params
         self._resolve(params)  # unknown model, a reward model, a wrong label: rejected now
         return params

@@ -54,7 +54,7 @@ class Rad(GuidanceBase):
         return companion_for(self.setup, "reward_model", params.reward_model, kind="scorer", scorer_kind="reward")
 
     def prepare(self, params: RadParams, sampling: Any) -> RadParams:
-        if self.setup.models is None:  # offline validation (no engine): the options only
+        if self.setup.models is None and self.setup.catalog is None:  # no engine, no model descriptions: the options only
             return params
         self._companion(params)
         return params
