@@ -187,33 +187,63 @@ def test_memory_is_constant_and_options_are_validated():
         LLM("demo", kv_policy={"attention_sinks": {"num_sink": 4}}, num_kv_blocks=8, device="cpu")
 
 
-def test_per_step_host_work_does_not_grow_with_length(text_model):
+@pytest.mark.parametrize("stream", [False, True], ids=["final", "streamed"])
+def test_per_step_host_work_does_not_grow_with_length(text_model, stream):
     """A 5,000-token generation (sinks + window, detokenized, stop strings watched, logprobs
-    kept): the Python memory a step allocates (its transient peak, as tracemalloc sees it) is
-    the same in the last 500 steps as in the first 500. An O(length) path — joining or slicing
-    the whole text, copying the token list — would allocate in proportion to the length."""
+    kept; ``streamed``: as a streaming request whose every partial output also goes through the
+    async front end's ``RequestStream`` delta logic): per step,
+
+    * the Python memory the step allocates (its transient peak, as tracemalloc sees it) is the
+      same in the last 500 steps as in the first 500 — an O(length) path (joining or slicing the
+      whole text, copying the token or logprob list) would allocate in proportion to the length;
+    * streamed: every partial output carries only the new text, tokens and logprobs (elements
+      handed out per step stay bounded), and the deltas concatenate to the final output.
+    """
     import tracemalloc
+
+    from framework.request_stream import RequestStream
 
     llm = LLM(str(text_model), kv_policy={"attention_sinks": {"num_sinks": 4, "window": 28}}, block_size=BS,
               num_kv_blocks=64, max_model_len=64, dtype="float32", device="cpu")
     eng = llm.engine
     params = SamplingParams(max_tokens=5000, temperature=1.0, seed=0, ignore_eos=True, logprobs=1,
                             stop=["\x00never\x00"])
-    eng.add_request("long", "hello world", params)
+    eng.add_request("long", "hello world", params, stream=stream)
+    rs = RequestStream("long", abort=lambda rid: None)
     peaks: list[int] = []
+    touched: list[int] = []  # elements (characters + tokens + logprob entries) handed out per step
+    text, tokens, lps, final = [], [], [], None
     tracemalloc.start()
     try:
         while eng.has_unfinished_requests():
             before = tracemalloc.get_traced_memory()[0]
             tracemalloc.reset_peak()
-            eng.step()
+            outs = eng.step()
+            deltas = [rs._delta(o) for o in outs] if stream else []
             peaks.append(tracemalloc.get_traced_memory()[1] - before)
+            for o, d in zip(outs, deltas):
+                if o.finished:
+                    final = o
+                else:
+                    assert o.delta
+                    c = o.outputs[0]
+                    touched.append(len(c.text) + len(c.token_ids) + len(c.logprobs))
+                if d is not None and d.outputs:
+                    text.append(d.outputs[0].text)
+                    tokens += d.outputs[0].token_ids
+                    lps += d.outputs[0].logprobs
     finally:
         tracemalloc.stop()
     assert len(peaks) >= 5000
     body = peaks[1:-1]  # the first step prefills, the last one builds the final output
     first, last = sum(body[:500]) / 500, sum(body[-500:]) / 500
     assert last <= 1.2 * first, (first, last)
+    if stream:
+        assert len(touched) >= 4990 and max(touched) <= 2 + 2 * max(map(len, text)), max(touched)
+        assert sum(touched[-500:]) <= 1.2 * sum(touched[:500])
+        out = final.outputs[0]
+        assert "".join(text) == out.text and tokens == out.token_ids and lps == out.logprobs
+        assert len(out.token_ids) == 5000
     assert eng.block_manager.check_all_free()
 
 
