@@ -200,35 +200,56 @@ def part_attn(args, lines: list[str]) -> None:
 
 
 def part_gen(args, lines: list[str]) -> None:
+    """One long greedy generation as a *streaming* request (its partial outputs are consumed, as
+    a server would): tokens/s and KV blocks held per slice, and per-step host time (the engine
+    step minus the transformer forward, timed by forward hooks on the model) over its first
+    5,000 tokens: steps 1-500 vs 4501-5000, the ratio the issue asks to be <= 1.2."""
     llm = LLM("demo", device="cpu", dtype="float32", num_kv_blocks=4096, max_num_seqs=1,
               kv_policy={"attention_sinks": {"num_sinks": 4, "window": 1020}})
     eng = llm.engine
-    eng.add_request("g", "ROMEO.", SamplingParams(max_tokens=args.gen_tokens, temperature=0, ignore_eos=True))
+    model = eng.models.main.runner.model
+    fwd_ms: list[float] = []
+    t_fwd = [0.0]
+    model.register_forward_pre_hook(lambda m, a: t_fwd.__setitem__(0, time.perf_counter()))
+    model.register_forward_hook(lambda m, a, o: fwd_ms.append((time.perf_counter() - t_fwd[0]) * 1e3))
+    llm.generate("JULIET.", SamplingParams(max_tokens=args.warmup, temperature=0, ignore_eos=True))  # warm up
+    fwd_ms.clear()
+    eng.add_request("g", "ROMEO.", SamplingParams(max_tokens=args.gen_tokens, temperature=0, ignore_eos=True),
+                    stream=True)
     slice_ = 2000
     rows, t0, n0, peak = [], time.perf_counter(), 0, 0
     step_ms: list[float] = []
+    streamed = 0
+    base = eng.core.num_generated_tokens
     while eng.has_unfinished_requests():
         ts = time.perf_counter()
-        eng.step()
+        for out in eng.step():
+            streamed += len(out.outputs[0].token_ids) if out.delta else 0
         step_ms.append((time.perf_counter() - ts) * 1e3)
-        n = eng.core.num_generated_tokens
+        n = eng.core.num_generated_tokens - base
         peak = max(peak, eng.block_manager.num_used_blocks)
         if n - n0 >= slice_ or not eng.has_unfinished_requests():
             dt = time.perf_counter() - t0
             rows.append((n, (n - n0) / dt, eng.block_manager.num_used_blocks, peak))
             t0, n0, peak = time.perf_counter(), n, 0
     assert eng.block_manager.check_all_free()
-    lines.append(f"{args.gen_tokens}-token greedy generation, attention_sinks 4 + 1020 (block_size 16), "
-                 f"demo context {eng.max_model_len}")
+    assert len(fwd_ms) == len(step_ms), (len(fwd_ms), len(step_ms))
+    host = [s - f for s, f in zip(step_ms, fwd_ms)]
+    lines.append(f"{args.gen_tokens}-token greedy streaming generation, attention_sinks 4 + 1020 (block_size 16), "
+                 f"demo context {eng.max_model_len}; {streamed} tokens streamed as deltas")
     lines.append(f"{'tokens':>8} | {'tok/s':>7} | {'blocks held':>11} | {'peak in slice':>13}")
     lines.append("-" * 50)
     for n, tps, held, pk in rows:
         lines.append(f"{n:>8} | {tps:7.1f} | {held:>11} | {pk:>13}")
+
     def mean(xs: list[float]) -> float:
         return sum(xs) / max(1, len(xs))
-    a, b = mean(step_ms[1:501]), mean(step_ms[4500:5000])
-    lines.append(f"ms/step (engine step, host + forward): steps 1-500 {a:.2f}, 4500-5000 {b:.2f} "
-                 f"(ratio {b / a:.2f}), last 500 {mean(step_ms[-500:]):.2f}")
+
+    lines.append(f"{'ms/step':>18} | {'steps 1-500':>11} | {'4501-5000':>9} | {'ratio':>5} | {'last 500':>8}")
+    for name, xs in (("host (step - fwd)", host), ("forward", fwd_ms), ("whole step", step_ms)):
+        a, b = mean(xs[1:501]), mean(xs[4501:5001])
+        lines.append(f"{name:>18} | {a:11.3f} | {b:9.3f} | {b / a:5.2f} | {mean(xs[-500:]):8.3f}")
+    lines.append("(step 0 is the prefill; the forward grows until the cache holds its 1024 tokens, then stays flat)")
     lines.append("")
 
 
@@ -242,6 +263,8 @@ def main() -> None:
                     help="dense segments (demo was trained on 256-token windows; positions past it are untrained)")
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--gen-tokens", type=int, default=20_000)
+    ap.add_argument("--warmup", type=int, default=1100,
+                    help="tokens of a warm-up generation first (every attention length up to the cache's once)")
     ap.add_argument("--out", default=str(HERE / "results" / "long_context.txt"))
     args = ap.parse_args()
     torch.set_num_threads(1)

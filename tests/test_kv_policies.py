@@ -55,10 +55,11 @@ def _pm() -> PluginManager:
 class SinkCacheReference:
     """Dense sink + window cache rebuilt from scratch; ``step(tokens)`` -> logits after the last."""
 
-    def __init__(self, model, num_sinks: int, window: int, block_size: int):
+    def __init__(self, model, num_sinks: int, window: int, block_size: int, evict_blocks: int = 1):
         self.model, self.cfg = model, model.cfg
         self.head = -(-num_sinks // block_size) * block_size  # sink tokens kept (whole blocks)
         self.window, self.bs = window, block_size
+        self.evict_blocks = evict_blocks
         d = self.cfg.head_dim
         from framework.models.llama import rope_inv_freq
 
@@ -101,13 +102,14 @@ class SinkCacheReference:
     def _evict(self) -> None:
         n = len(self.kept)
         last = (n - self.window) // self.bs * self.bs  # cache positions [head, last) are all too old
-        if last > self.head:
+        if last - self.head >= self.evict_blocks * self.bs:  # runs of >= evict_blocks blocks
             del self.kept[self.head : last]
 
 
-def _reference_logits(model, prompt: list[int], output: list[int], num_sinks: int, window: int, chunk: int) -> list[torch.Tensor]:
+def _reference_logits(model, prompt: list[int], output: list[int], num_sinks: int, window: int, chunk: int,
+                      evict_blocks: int = 1) -> list[torch.Tensor]:
     """Logits predicting each output token: the prompt in chunks of ``chunk``, then one token at a time."""
-    ref = SinkCacheReference(model, num_sinks, window, BS)
+    ref = SinkCacheReference(model, num_sinks, window, BS, evict_blocks)
     for i in range(0, len(prompt), chunk):
         logits = ref.step(prompt[i : i + chunk])
     out = [logits]
@@ -124,11 +126,11 @@ def _check(rows: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
-@pytest.mark.parametrize("num_sinks", [4, 0])
-def test_logits_equal_a_reference_sink_cache_past_the_context(checkpoints, family, num_sinks):
+@pytest.mark.parametrize("family,num_sinks,evict_blocks", [
+    *((f, s, 1) for f in ("llama", "mistral", "qwen2", "qwen3") for s in (4, 0)), ("llama", 4, 3), ("qwen3", 0, 2)])
+def test_logits_equal_a_reference_sink_cache_past_the_context(checkpoints, family, num_sinks, evict_blocks):
     window, max_len, n_out = 13, 48, 90  # generation runs ~3x past the context length
-    policy = {"attention_sinks": {"num_sinks": num_sinks, "window": window}}
+    policy = {"attention_sinks": {"num_sinks": num_sinks, "window": window, "evict_blocks": evict_blocks}}
     llm = LLM(str(checkpoints[family]), skip_tokenizer_init=True, plugin_manager=_pm(), kv_policy=policy,
               block_size=BS, max_model_len=max_len, num_kv_blocks=64, dtype="float32", device="cpu")
     prompt = [5 + (i * 7) % 300 for i in range(21)]
@@ -136,7 +138,8 @@ def test_logits_equal_a_reference_sink_cache_past_the_context(checkpoints, famil
     out = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0]
     assert len(out.token_ids) == n_out and out.finish_reason == "length"
     ((seq_id, rows),) = Recorder.rows.items()
-    _check(rows, _reference_logits(llm.engine.model, prompt, out.token_ids, num_sinks, window, chunk=len(prompt)))
+    _check(rows, _reference_logits(llm.engine.model, prompt, out.token_ids, num_sinks, window, chunk=len(prompt),
+                                   evict_blocks=evict_blocks))
     bm = llm.engine.block_manager
     assert bm.check_all_free()
 
