@@ -392,13 +392,7 @@ class LLMEngine:
                 outputs.append(out)
             elif req.streams_partial and req.params.num_samples == req.params.n:
                 req.metrics.num_output_tokens = max(s.num_output_tokens for s in req.seqs)
-                out = req.to_output()
-                for c, s in zip(out.outputs, sorted(req.seqs, key=lambda s: s.index)):
-                    c.text = s.stream_safe_text()
-                outputs.append(out)
-            if not finished or req.stream:
-                for s in req.seqs:
-                    s.streamed_len = s.text_len
+                outputs.append(req.to_delta_output())  # only what is new: O(1) per token
         return outputs
 
     # ------------------------------------------------------------------------ stats

@@ -161,7 +161,11 @@ class LLM:
                     if out.request_id != rid:
                         continue
                     text = out.outputs[0].text
-                    if len(text) > sent:
+                    if out.delta:  # partial outputs carry only their new text
+                        if text:
+                            yield text
+                            sent += len(text)
+                    elif len(text) > sent:
                         yield text[sent:]
                         sent = len(text)
                     if out.finished:

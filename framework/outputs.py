@@ -75,6 +75,11 @@ class RequestOutput:
     # a reranked request: every candidate the reranker ranked, best first, each with its score
     # (``outputs`` are the first ``n`` of them); None without a reranker
     candidates: list[CompletionOutput] | None = None
+    # a partial output of a streaming request (``add_request(..., stream=True)``): each completion's
+    # ``text``, ``token_ids`` and ``logprobs`` hold only what is new since the request's previous
+    # output, so streaming costs O(new tokens) per step, not O(length). A request's final output
+    # (``finished``) is always cumulative (``delta`` False).
+    delta: bool = False
 
 
 @dataclass(slots=True)

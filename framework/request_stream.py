@@ -66,7 +66,20 @@ class RequestFailedError(DecodekitError):
 
 
 # ------------------------------------------------------------------------------------ streams
-END = object()  # sentinel: the stream is over
+END = object()
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Delta ``a`` followed by delta ``b`` as one delta (outputs that piled up)."""
+    by_index = {c.index: c for c in a.outputs}
+    for c in b.outputs:
+        p = by_index.get(c.index)
+        if p is None:
+            by_index[c.index] = c
+            continue
+        lps = None if p.logprobs is None or c.logprobs is None else [*p.logprobs, *c.logprobs]
+        by_index[c.index] = replace(c, text=p.text + c.text, token_ids=[*p.token_ids, *c.token_ids], logprobs=lps)
+    return replace(b, outputs=sorted(by_index.values(), key=lambda c: c.index))  # sentinel: the stream is over
 
 
 class RequestStream:
@@ -75,7 +88,9 @@ class RequestStream:
     Each delta carries, for every completion that changed since the previous delta, only the new
     ``text``, ``token_ids`` and ``logprobs`` (``finish_reason`` is set on the completion's last
     delta). When the consumer is slower than the engine, the outputs that piled up are merged
-    into one delta. ``final`` holds the last cumulative output once the stream is over.
+    into one delta. The engine hands streaming requests deltas already (``RequestOutput.delta``:
+O(new tokens) per step) and its final output cumulative; ``final`` holds that last cumulative
+output once the stream is over.
     Iterating raises :class:`RequestTimeoutError`, :class:`RequestAbortedError`,
     :class:`EngineStepError` or :class:`RequestFailedError` when the request ended that way.
     """
@@ -103,7 +118,7 @@ class RequestStream:
             items = [await self._queue.get()]
             while not self._queue.empty():  # coalesce what piled up
                 items.append(self._queue.get_nowait())
-            latest: RequestOutput | None = None
+            merged: RequestOutput | None = None
             error: BaseException | None = None
             for item in items:
                 if item is END:
@@ -112,33 +127,43 @@ class RequestStream:
                     error = item
                     self.done = True
                 else:
-                    latest = item
-            if latest is not None:
-                self.final = latest
-                delta = self._delta(latest)
-                if delta is not None:
-                    yield delta
+                    if not item.delta:
+                        self.final = item
+                    delta = self._delta(item)
+                    if delta is not None:
+                        merged = delta if merged is None else _merge(merged, delta)
+            if merged is not None:
+                yield merged
             if error is not None:
                 raise error
 
     def _delta(self, out: RequestOutput) -> RequestOutput | None:
+        """The part of ``out`` not yet sent: engine deltas (``out.delta``) as they are, cumulative
+        outputs (a request's final one) sliced past what was sent."""
         changed: list[CompletionOutput] = []
         for c in out.outputs:
             i = c.index
             if i in self._finished:
                 continue
             a, t = self._sent_chars.get(i, 0), self._sent_tokens.get(i, 0)
-            n_tok = len(c.token_ids)
-            if len(c.text) == a and n_tok == t and c.finish_reason is None:
-                continue
-            lps = None if c.logprobs is None else list(c.logprobs[t:n_tok])
-            changed.append(replace(c, text=c.text[a:], token_ids=c.token_ids[t:], logprobs=lps))
-            self._sent_chars[i], self._sent_tokens[i] = len(c.text), n_tok
+            if out.delta:
+                if not c.text and not c.token_ids and c.finish_reason is None:
+                    continue
+                d = c
+                self._sent_chars[i], self._sent_tokens[i] = a + len(c.text), t + len(c.token_ids)
+            else:
+                n_tok = len(c.token_ids)
+                if len(c.text) == a and n_tok == t and c.finish_reason is None:
+                    continue
+                lps = None if c.logprobs is None else list(c.logprobs[t:n_tok])
+                d = replace(c, text=c.text[a:], token_ids=c.token_ids[t:], logprobs=lps)
+                self._sent_chars[i], self._sent_tokens[i] = len(c.text), n_tok
+            changed.append(d)
             if c.finish_reason is not None:
                 self._finished.add(i)
         if not changed and not out.finished:
             return None
-        return replace(out, outputs=changed)
+        return replace(out, outputs=changed, delta=True)
 
     def abort(self) -> None:
         """Abort this request (no-op once it is over). Safe to call from a ``finally``."""

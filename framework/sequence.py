@@ -73,7 +73,8 @@ class Sequence:
     _text: str = ""  # the text joined so far; `text` adds the pending pieces
     _pending: list[str] = field(default_factory=list)  # deltas appended since the last join
     text_len: int = 0  # len(text), kept without joining
-    streamed_len: int = 0  # characters of `text` already handed to a streaming consumer
+    streamed_len: int = 0  # characters of `text` already handed out in stream deltas
+    streamed_tokens: int = 0  # output tokens (and logprob entries) already handed out in stream deltas
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
@@ -160,13 +161,38 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
-    def stream_safe_text(self) -> str:
-        """Text that can be shown now: a possible stop-string prefix at the end is held back."""
+    def stream_safe_len(self) -> int:
+        """Characters of ``text`` that can be shown now: a possible stop-string prefix at the end
+        is held back (never less than what was already streamed)."""
         stops = self.request.params.stop
         if self.finished or not stops:
-            return self.text
+            return self.text_len
         hold = max(len(s) for s in stops) - 1
-        return self.text[: max(0, len(self.text) - hold)]
+        return max(self.streamed_len, self.text_len - hold)
+
+    def stream_safe_text(self) -> str:
+        """Text that can be shown now: a possible stop-string prefix at the end is held back."""
+        return self.text[: self.stream_safe_len()]
+
+    def stream_delta(self) -> CompletionOutput:
+        """What is new since the previous call: the stream-safe text, the output tokens and their
+        logprobs appended since then (``finish_reason`` set once finished). O(new) — it never
+        touches the text or tokens already handed out, so streaming stays O(1) per token."""
+        a, end = self.streamed_len, self.stream_safe_len()
+        text = self.text_from(a)[: end - a] if end > a else ""
+        t = self.num_prompt_tokens + self.streamed_tokens
+        n_tok = len(self.token_ids)
+        self.streamed_len, self.streamed_tokens = end, n_tok - self.num_prompt_tokens
+        return CompletionOutput(
+            index=self.index,
+            text=text,
+            token_ids=self.token_ids[t:],
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else self.logprobs[t - self.num_prompt_tokens :],
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            score=self.score,
+        )
 
     def to_output(self) -> CompletionOutput:
         return CompletionOutput(
@@ -211,6 +237,20 @@ class Request:
         """Whether partial outputs can be shown while it runs (not when the final choice is made
         at the end: beam search, or a reranker choosing among candidates)."""
         return self.stream and self.reranker is None and (self.strategy is None or self.strategy.streams)
+
+    def to_delta_output(self) -> RequestOutput:
+        """A streaming *delta*: each completion's :meth:`Sequence.stream_delta` (``delta=True``)."""
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[s.stream_delta() for s in sorted(self.seqs, key=lambda s: s.index)],
+            finished=False,
+            metrics=self.metrics,
+            prompt_logprobs=self.prompt_logprobs,
+            error=self.error,
+            delta=True,
+        )
 
     def to_output(self) -> RequestOutput:
         seqs = sorted(self.seqs, key=lambda s: s.index)

@@ -55,10 +55,11 @@ def _pm() -> PluginManager:
 class SinkCacheReference:
     """Dense sink + window cache rebuilt from scratch; ``step(tokens)`` -> logits after the last."""
 
-    def __init__(self, model, num_sinks: int, window: int, block_size: int):
+    def __init__(self, model, num_sinks: int, window: int, block_size: int, evict_blocks: int = 1):
         self.model, self.cfg = model, model.cfg
         self.head = -(-num_sinks // block_size) * block_size  # sink tokens kept (whole blocks)
         self.window, self.bs = window, block_size
+        self.evict_blocks = evict_blocks
         d = self.cfg.head_dim
         from framework.models.llama import rope_inv_freq
 
@@ -101,13 +102,14 @@ class SinkCacheReference:
     def _evict(self) -> None:
         n = len(self.kept)
         last = (n - self.window) // self.bs * self.bs  # cache positions [head, last) are all too old
-        if last > self.head:
+        if last - self.head >= self.evict_blocks * self.bs:  # runs of >= evict_blocks blocks
             del self.kept[self.head : last]
 
 
-def _reference_logits(model, prompt: list[int], output: list[int], num_sinks: int, window: int, chunk: int) -> list[torch.Tensor]:
+def _reference_logits(model, prompt: list[int], output: list[int], num_sinks: int, window: int, chunk: int,
+                      evict_blocks: int = 1) -> list[torch.Tensor]:
     """Logits predicting each output token: the prompt in chunks of ``chunk``, then one token at a time."""
-    ref = SinkCacheReference(model, num_sinks, window, BS)
+    ref = SinkCacheReference(model, num_sinks, window, BS, evict_blocks)
     for i in range(0, len(prompt), chunk):
         logits = ref.step(prompt[i : i + chunk])
     out = [logits]
@@ -124,11 +126,11 @@ def _check(rows: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
-@pytest.mark.parametrize("num_sinks", [4, 0])
-def test_logits_equal_a_reference_sink_cache_past_the_context(checkpoints, family, num_sinks):
+@pytest.mark.parametrize("family,num_sinks,evict_blocks", [
+    *((f, s, 1) for f in ("llama", "mistral", "qwen2", "qwen3") for s in (4, 0)), ("llama", 4, 3), ("qwen3", 0, 2)])
+def test_logits_equal_a_reference_sink_cache_past_the_context(checkpoints, family, num_sinks, evict_blocks):
     window, max_len, n_out = 13, 48, 90  # generation runs ~3x past the context length
-    policy = {"attention_sinks": {"num_sinks": num_sinks, "window": window}}
+    policy = {"attention_sinks": {"num_sinks": num_sinks, "window": window, "evict_blocks": evict_blocks}}
     llm = LLM(str(checkpoints[family]), skip_tokenizer_init=True, plugin_manager=_pm(), kv_policy=policy,
               block_size=BS, max_model_len=max_len, num_kv_blocks=64, dtype="float32", device="cpu")
     prompt = [5 + (i * 7) % 300 for i in range(21)]
@@ -136,7 +138,8 @@ def test_logits_equal_a_reference_sink_cache_past_the_context(checkpoints, famil
     out = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0]
     assert len(out.token_ids) == n_out and out.finish_reason == "length"
     ((seq_id, rows),) = Recorder.rows.items()
-    _check(rows, _reference_logits(llm.engine.model, prompt, out.token_ids, num_sinks, window, chunk=len(prompt)))
+    _check(rows, _reference_logits(llm.engine.model, prompt, out.token_ids, num_sinks, window, chunk=len(prompt),
+                                   evict_blocks=evict_blocks))
     bm = llm.engine.block_manager
     assert bm.check_all_free()
 
@@ -187,33 +190,63 @@ def test_memory_is_constant_and_options_are_validated():
         LLM("demo", kv_policy={"attention_sinks": {"num_sink": 4}}, num_kv_blocks=8, device="cpu")
 
 
-def test_per_step_host_work_does_not_grow_with_length(text_model):
+@pytest.mark.parametrize("stream", [False, True], ids=["final", "streamed"])
+def test_per_step_host_work_does_not_grow_with_length(text_model, stream):
     """A 5,000-token generation (sinks + window, detokenized, stop strings watched, logprobs
-    kept): the Python memory a step allocates (its transient peak, as tracemalloc sees it) is
-    the same in the last 500 steps as in the first 500. An O(length) path — joining or slicing
-    the whole text, copying the token list — would allocate in proportion to the length."""
+    kept; ``streamed``: as a streaming request whose every partial output also goes through the
+    async front end's ``RequestStream`` delta logic): per step,
+
+    * the Python memory the step allocates (its transient peak, as tracemalloc sees it) is the
+      same in the last 500 steps as in the first 500 — an O(length) path (joining or slicing the
+      whole text, copying the token or logprob list) would allocate in proportion to the length;
+    * streamed: every partial output carries only the new text, tokens and logprobs (elements
+      handed out per step stay bounded), and the deltas concatenate to the final output.
+    """
     import tracemalloc
+
+    from framework.request_stream import RequestStream
 
     llm = LLM(str(text_model), kv_policy={"attention_sinks": {"num_sinks": 4, "window": 28}}, block_size=BS,
               num_kv_blocks=64, max_model_len=64, dtype="float32", device="cpu")
     eng = llm.engine
     params = SamplingParams(max_tokens=5000, temperature=1.0, seed=0, ignore_eos=True, logprobs=1,
                             stop=["\x00never\x00"])
-    eng.add_request("long", "hello world", params)
+    eng.add_request("long", "hello world", params, stream=stream)
+    rs = RequestStream("long", abort=lambda rid: None)
     peaks: list[int] = []
+    touched: list[int] = []  # elements (characters + tokens + logprob entries) handed out per step
+    text, tokens, lps, final = [], [], [], None
     tracemalloc.start()
     try:
         while eng.has_unfinished_requests():
             before = tracemalloc.get_traced_memory()[0]
             tracemalloc.reset_peak()
-            eng.step()
+            outs = eng.step()
+            deltas = [rs._delta(o) for o in outs] if stream else []
             peaks.append(tracemalloc.get_traced_memory()[1] - before)
+            for o, d in zip(outs, deltas):
+                if o.finished:
+                    final = o
+                else:
+                    assert o.delta
+                    c = o.outputs[0]
+                    touched.append(len(c.text) + len(c.token_ids) + len(c.logprobs))
+                if d is not None and d.outputs:
+                    text.append(d.outputs[0].text)
+                    tokens += d.outputs[0].token_ids
+                    lps += d.outputs[0].logprobs
     finally:
         tracemalloc.stop()
     assert len(peaks) >= 5000
     body = peaks[1:-1]  # the first step prefills, the last one builds the final output
     first, last = sum(body[:500]) / 500, sum(body[-500:]) / 500
     assert last <= 1.2 * first, (first, last)
+    if stream:
+        assert len(touched) >= 4990 and max(touched) <= 2 + 2 * max(map(len, text)), max(touched)
+        assert sum(touched[-500:]) <= 1.2 * sum(touched[:500])
+        out = final.outputs[0]
+        assert "".join(text) == out.text and tokens == out.token_ids and lps == out.logprobs
+        assert len(out.token_ids) == 5000
     assert eng.block_manager.check_all_free()
 
 

@@ -23,6 +23,11 @@ fraction of what attention reads every step. Evicted blocks go back to the pool 
 prefix cache; rotated blocks leave it too (the head blocks keep their hashes: their content is
 unchanged, so later prompts still share them).
 
+Each eviction re-rotates the whole window's keys, so its cost is ``O(window)`` per evicted run:
+``evict_blocks: N`` waits until ``N`` blocks are out of the window and drops them at once,
+dividing that amortised cost by ``N`` at the price of up to ``N * block_size - 1`` extra tokens
+held (keep ``window + N * block_size`` within the model's context).
+
 Tokens computed in one forward (a prefill chunk) attend to the cache as it stood before that
 forward plus each other; eviction happens after each forward. A sequence preempted under
 memory pressure is recomputed in chunks, which can change its later outputs slightly.
@@ -50,10 +55,14 @@ class AttentionSinks:
         model_config = ConfigDict(extra="forbid")
         num_sinks: int = Field(4, ge=0, description="leading tokens always kept (rounded up to whole blocks)")
         window: int = Field(1020, ge=1, description="most recent tokens kept (at least; whole blocks leave)")
+        evict_blocks: int = Field(1, ge=1, description="evict only runs of at least this many blocks: one "
+                                  "re-rotation of the window per run (the cache holds up to "
+                                  "window + evict_blocks * block_size - 1 tokens)")
 
-    def __init__(self, num_sinks: int = 4, window: int = 1020):
+    def __init__(self, num_sinks: int = 4, window: int = 1020, evict_blocks: int = 1):
         self.num_sinks = num_sinks
         self.window = window
+        self.evict_blocks = evict_blocks
         self.num_evictions = 0  # eviction events (a run of blocks dropped at once)
 
     def head_blocks(self, block_size: int) -> int:
@@ -66,7 +75,7 @@ class AttentionSinks:
         n = kv.num_computed - kv.num_evicted  # cache positions in use
         last = (n - self.window) // bs  # blocks [head, last) hold only tokens older than the window
         k = last - head
-        if k <= 0:
+        if k < self.evict_blocks:
             return
         # the kept tail moves k blocks down: its keys must read as their new cache positions
         if not pool.rotate_keys(kv.table, last * bs, n, -k * bs):
@@ -83,9 +92,10 @@ class SlidingWindow(AttentionSinks):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         window: int = Field(1024, ge=1, description="most recent tokens kept (at least; whole blocks leave)")
+        evict_blocks: int = Field(1, ge=1, description="evict only runs of at least this many blocks")
 
-    def __init__(self, window: int = 1024):
-        super().__init__(num_sinks=0, window=window)
+    def __init__(self, window: int = 1024, evict_blocks: int = 1):
+        super().__init__(num_sinks=0, window=window, evict_blocks=evict_blocks)
 
 
 @hookimpl
