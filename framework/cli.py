@@ -166,7 +166,7 @@ def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress, 
         return 1 if summary.failed else 0
     opened = None
     if records is not None:  # a bad --output is refused before the model loads
-        opened = open_results(loaded, records, output, params, overwrite=overwrite)
+        opened = open_results(loaded, records, output, params, overwrite=overwrite, all_candidates=all_candidates)
     try:
         pipe = Pipeline(loaded)
     except BaseException:
