@@ -148,8 +148,6 @@ def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress, 
         raise click.UsageError("--prompts needs --output FILE.jsonl (or --output - for standard output)")
     if use_ray and prompts_file is None:
         raise click.UsageError("--ray needs --prompts FILE")
-    if use_ray and all_candidates:
-        raise click.UsageError("--all-candidates is not supported with --ray yet")
     loaded = load_spec(spec)  # all spec errors before any model loads
     records = read_prompts(prompts_file, fmt) if prompts_file is not None else None
     params = loaded.sampling_params(**overrides)  # bad overrides fail here too
@@ -159,8 +157,9 @@ def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress, 
         require_ray()
         options = RayRunOptions(address=ray_address, replicas=replicas, batch_size=batch_size,
                                 cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
-        opened = open_output(loaded, records, output, params, overwrite=overwrite)
-        summary = run_ray(loaded, records, opened, options, overrides=overrides, progress=progress)
+        opened = open_output(loaded, records, output, params, overwrite=overwrite, all_candidates=all_candidates)
+        summary = run_ray(loaded, records, opened, options, overrides=overrides, progress=progress,
+                          all_candidates=all_candidates)
         for line in summary.lines():
             click.echo(line, err=True)
         return 1 if summary.failed else 0
