@@ -152,6 +152,7 @@ def _completion_record(c: Any, token_ids: bool) -> dict[str, Any]:
         "num_tokens": len(c.token_ids),
         "cumulative_logprob": c.cumulative_logprob,
         **({"score": c.score} if c.score is not None else {}),
+        **({"model": c.model} if c.model is not None else {}),
     }
 
 

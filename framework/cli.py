@@ -191,7 +191,7 @@ def _run_one(pipe, prompt: str, params, overrides: dict, all_candidates: bool = 
         out = pipe.generate([prompt], use_tqdm=False, **overrides)[0]
         shown = out.candidates if all_candidates and out.candidates is not None else out.outputs
         for c in shown:
-            extra = f", score {c.score:.3f}" if c.score is not None else ""
+            extra = (f", {c.model}" if c.model is not None else "") + (f", score {c.score:.3f}" if c.score is not None else "")
             click.echo(f"--- sample {c.index + 1}/{len(shown)} ({c.finish_reason}{extra}) ---")
             click.echo(f"{prompt}{c.text}")
         return 0
