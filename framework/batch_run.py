@@ -152,10 +152,11 @@ def _completion_record(c: Any, token_ids: bool) -> dict[str, Any]:
         "num_tokens": len(c.token_ids),
         "cumulative_logprob": c.cumulative_logprob,
         **({"score": c.score} if c.score is not None else {}),
+        **({"model": c.model} if c.model is not None else {}),
     }
 
 
-def result_record(rec: PromptRecord, out: RequestOutput, fingerprint: dict[str, str] | None = None,
+def result_record(rec: PromptRecord, out: RequestOutput, fingerprint: dict[str, Any] | None = None,
                   token_ids: bool = False, all_candidates: bool = False) -> dict[str, Any]:
     """The JSON line of one finished request (``token_ids``: include each output's token ids,
     as runs without a tokenizer do; ``all_candidates``: a reranked request also lists every
@@ -178,16 +179,17 @@ def result_record(rec: PromptRecord, out: RequestOutput, fingerprint: dict[str, 
     }
 
 
-def error_record(rec: PromptRecord, error: str, fingerprint: dict[str, str] | None = None) -> dict[str, Any]:
+def error_record(rec: PromptRecord, error: str, fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rec.id, "prompt": rec.display(), **({"fingerprint": fingerprint} if fingerprint is not None else {}),
             "error": error}
 
 
 def open_results(loaded, records: list[PromptRecord], output: str | Path, params: Any, *, overwrite: bool = False,
-                 stdout: IO[str] | None = None) -> tuple[Any, str]:
+                 stdout: IO[str] | None = None, all_candidates: bool = False) -> tuple[Any, str]:
     """The results sink for ``output`` (``"-"``: standard output) and this run's fingerprint;
     ``loaded``: the run's :class:`~framework.spec.LoadedSpec` (no model needed: ``decodekit
-    run`` refuses a bad output before it loads one).
+    run`` refuses a bad output before it loads one); ``all_candidates``: the run writes every
+    ranked candidate (``--all-candidates``; a file written with the other setting is refused).
 
     Raises:
         ConfigError: ``output`` is not a decodekit results file, or holds other results.
@@ -201,7 +203,7 @@ def open_results(loaded, records: list[PromptRecord], output: str | Path, params
     prompts = {r.id: prompt_fingerprint(r.display()) for r in records}
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return ResultsFile.open(path, run, prompts, overwrite=overwrite), run
+    return ResultsFile.open(path, run, prompts, overwrite=overwrite, all_candidates=all_candidates), run
 
 
 def run_records(pipeline, records: list[PromptRecord], output: str | Path | None = None, *, progress: bool | None = None,
@@ -211,14 +213,18 @@ def run_records(pipeline, records: list[PromptRecord], output: str | Path | None
     """Generate every record not yet done in ``output``; append results as they finish.
     ``opened``: the ``(sink, fingerprint)`` of :func:`open_results` when the caller opened it;
     ``all_candidates``: records of reranked requests list every ranked candidate."""
-    from framework.results_file import prompt_fingerprint
+    from framework.results_file import record_fingerprint
 
     params = pipeline.sampling_params(**(overrides or {}))
     if opened is None:
         if output is None:
             raise ValueError("run_records needs an output (or opened)")
-        opened = open_results(pipeline.loaded, records, output, params, overwrite=overwrite, stdout=stdout)
+        opened = open_results(pipeline.loaded, records, output, params, overwrite=overwrite, stdout=stdout,
+                              all_candidates=all_candidates)
     sink, run = opened
+    if getattr(sink, "all_candidates", all_candidates) != all_candidates:
+        raise ValueError(f"the results file was opened with all_candidates={sink.all_candidates}, "
+                         f"run_records was given all_candidates={all_candidates}")
     summary = RunSummary(skipped_lines=list(sink.skipped_lines))
     todo = [r for r in records if r.id not in sink.done]
     summary.skipped = len(records) - len(todo)
@@ -230,8 +236,8 @@ def run_records(pipeline, records: list[PromptRecord], output: str | Path | None
     it: Iterator[PromptRecord] = iter(todo)
     inflight: dict[str, PromptRecord] = {}
 
-    def fp(rec: PromptRecord) -> dict[str, str]:
-        return {"run": run, "prompt": prompt_fingerprint(rec.display())}
+    def fp(rec: PromptRecord) -> dict[str, Any]:
+        return record_fingerprint(run, rec.display(), all_candidates)
 
     def fill() -> None:
         while len(inflight) < window:

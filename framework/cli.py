@@ -148,8 +148,6 @@ def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress, 
         raise click.UsageError("--prompts needs --output FILE.jsonl (or --output - for standard output)")
     if use_ray and prompts_file is None:
         raise click.UsageError("--ray needs --prompts FILE")
-    if use_ray and all_candidates:
-        raise click.UsageError("--all-candidates is not supported with --ray yet")
     loaded = load_spec(spec)  # all spec errors before any model loads
     records = read_prompts(prompts_file, fmt) if prompts_file is not None else None
     params = loaded.sampling_params(**overrides)  # bad overrides fail here too
@@ -159,14 +157,15 @@ def run_cmd(spec, prompt, prompts_file, output, overwrite, fmt, sets, progress, 
         require_ray()
         options = RayRunOptions(address=ray_address, replicas=replicas, batch_size=batch_size,
                                 cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
-        opened = open_output(loaded, records, output, params, overwrite=overwrite)
-        summary = run_ray(loaded, records, opened, options, overrides=overrides, progress=progress)
+        opened = open_output(loaded, records, output, params, overwrite=overwrite, all_candidates=all_candidates)
+        summary = run_ray(loaded, records, opened, options, overrides=overrides, progress=progress,
+                          all_candidates=all_candidates)
         for line in summary.lines():
             click.echo(line, err=True)
         return 1 if summary.failed else 0
     opened = None
     if records is not None:  # a bad --output is refused before the model loads
-        opened = open_results(loaded, records, output, params, overwrite=overwrite)
+        opened = open_results(loaded, records, output, params, overwrite=overwrite, all_candidates=all_candidates)
     try:
         pipe = Pipeline(loaded)
     except BaseException:
@@ -192,7 +191,7 @@ def _run_one(pipe, prompt: str, params, overrides: dict, all_candidates: bool = 
         out = pipe.generate([prompt], use_tqdm=False, **overrides)[0]
         shown = out.candidates if all_candidates and out.candidates is not None else out.outputs
         for c in shown:
-            extra = f", score {c.score:.3f}" if c.score is not None else ""
+            extra = (f", {c.model}" if c.model is not None else "") + (f", score {c.score:.3f}" if c.score is not None else "")
             click.echo(f"--- sample {c.index + 1}/{len(shown)} ({c.finish_reason}{extra}) ---")
             click.echo(f"{prompt}{c.text}")
         return 0

@@ -78,6 +78,7 @@ class LLMEngine:
         if config.quantization == "int8" and dtype == "auto":
             dtype = "bfloat16"  # int8 weights run with bfloat16 activations
         self.model, self.model_config, self.model_dir = load_model(model, dtype, self.device, self.pm)
+        self.model_name = str(model)  # as the caller named it (a registered name or a directory)
         if config.quantization is not None:
             quantize = getattr(self.model, "quantize", None)
             if quantize is None:
@@ -148,7 +149,7 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, num_blocks * bs)
         self.block_manager = BlockManager(num_blocks, bs, cfg.enable_prefix_caching)
         self.kv = KVCacheStorage(mc, num_blocks, bs, self.dtype, self.device)
-        main = ModelPool(0, str(self.model_dir), "lm", self.model, mc, self.kv, self.block_manager,
+        main = ModelPool(0, self.model_name, "lm", self.model, mc, self.kv, self.block_manager,
                          ModelRunner(self.model, mc, self.kv, bs, self.device), policy=self.new_kv_policy())
         self.models.add_pool(main)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)

@@ -133,9 +133,10 @@ class EngineCore:
         """Process and sample one token per row (row i belongs to ``seqs[i]``); the processors
         learn the sampled tokens (``on_tokens``) before any sequence can finish."""
         processed, plan = self.chain.apply(seqs, logits, offsets)
+        model = plan.model_logits if plan is not None and plan.model_logits is not None else logits
         batch = SamplingBatch.build(
             [s.request.params for s in seqs], [s.generator for s in seqs], self.generator,
-            model_logits=None if processed is logits else logits,
+            model_logits=None if processed is logits else model,
         )
         out = self.sampler.sample(batch, processed)
         self.chain.on_tokens(plan, out.tokens)
@@ -252,6 +253,7 @@ class EngineCore:
         child.token_ids = list(parent.token_ids)
         child.text = parent.text
         child.cumulative_logprob = parent.cumulative_logprob
+        child.model = parent.model
         if parent.logprobs is not None:
             child.logprobs = list(parent.logprobs)
         for pool, src, dst in zip(req.pools, parent.kv, child.kv):

@@ -142,8 +142,11 @@ def register_logits_processors(register: Register) -> None:
       touched;
     * optional: ``prepare(params, sampling_params) -> params`` (per-request checks needing the
       model or tokenizer, run when the request is added; raise ``ValueError``),
-      ``on_tokens(ctx, tokens: Tensor[R])`` after sampling, ``fork(src_slot, dst_slot)``, and a
-      ``stage`` attribute (``framework.processors.Stage``; default ``GUIDANCE``).
+      ``on_tokens(ctx, tokens: Tensor[R])`` after sampling, ``fork(src_slot, dst_slot)``,
+      ``models(ctx) -> [str | None]`` (a *source* processor that replaces rows' logits by
+      another model's names that model per row: the rows' logprobs then come from its output
+      and the candidates carry the name), and a ``stage`` attribute
+      (``framework.processors.Stage``; default ``GUIDANCE``).
 
     Processors run by stage, then in registration order, whatever the batch holds. See
     ``framework/processors.py`` and the built-ins in ``plugins/samplers/``.

@@ -17,6 +17,10 @@ class CompletionOutput:
     finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     score: float | None = None  # beam search: the length-normalised beam score; reranked: the reranker's score
+    # the model that sampled it, when a processor chose one per sample (output ensembling: the
+    # main model's name or a member's alias; its cumulative_logprob and logprobs are that model's);
+    # None otherwise (the main model)
+    model: str | None = None
 
     @property
     def finished(self) -> bool:

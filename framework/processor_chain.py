@@ -11,7 +11,10 @@ See :mod:`framework.processors` for the protocol a processor implements. The cha
   tokens (``rollback``) and releases the slot when the sequence leaves (``release``);
 * **applies** every processor to exactly its rows, once per step, in a fixed order (stage,
   then a request's own order of guidance processors, then registration order): rows gathered
-  and written back once per run of processors serving the same rows.
+  and written back once per run of processors serving the same rows;
+* keeps, for rows a *source* processor (one with ``models``, e.g. output ensembling) gave
+  another model's distribution, that distribution for the sampled tokens' logprobs
+  (:attr:`StepPlan.model_logits`) and labels their sequences with the model's name.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class _PlanStep:
     proc: Any
     ctx: StepContext
     on_tokens: Any  # bound method or None
+    models: Any = None  # bound method or None: a source processor's model per row
 
 
 @dataclass(slots=True)
@@ -58,6 +62,10 @@ class StepPlan:
     version: int
     groups: list[_PlanGroup]
     shared: dict[str, Any]
+    # [S, V] set by each apply where a source processor named a model for some rows: the
+    # unprocessed logits, with those rows replaced by the source's output (what the sampled
+    # tokens' logprobs are computed from); None when no row has a source. Valid until the next apply.
+    model_logits: torch.Tensor | None = None
 
 
 class ProcessorChain:
@@ -75,6 +83,7 @@ class ProcessorChain:
         self._plans: OrderedDict[tuple, StepPlan] = OrderedDict()  # a few recent batch compositions
         self.forcing: set[str] = set()  # processors that implement forced_tokens
         self._buffer: torch.Tensor | None = None
+        self._model_buffer: torch.Tensor | None = None
 
     # -- per request --------------------------------------------------------------------------
     def instance(self, name: str) -> Any:
@@ -291,7 +300,7 @@ class ProcessorChain:
                 [seqs[i].num_prompt_tokens for i in rows], device, shared, seqs=[seqs[i] for i in rows],
             )
             proc = self._instances[k[0]]
-            step = _PlanStep(proc, ctx, getattr(proc, "on_tokens", None))
+            step = _PlanStep(proc, ctx, getattr(proc, "on_tokens", None), getattr(proc, "models", None))
             if rows == last_rows:
                 groups[-1].steps.append(step)
                 continue
@@ -323,6 +332,7 @@ class ProcessorChain:
         if not plan.groups:
             return logits, None
         plan.shared.clear()
+        plan.model_logits = None
         out = self._copy(logits)  # the model's logits stay intact (the sampler's logprobs use them)
         at = None if offsets is None else {id(s): o for s, o in zip(seqs, offsets)}
         for group in plan.groups:
@@ -331,11 +341,34 @@ class ProcessorChain:
                 if at is not None or step.ctx.offsets is not None:
                     step.ctx.offsets = None if at is None else [at[id(s)] for s in step.ctx.seqs]
                 sub = step.proc.apply(sub, step.ctx)
+                if step.models is not None:
+                    self._keep_source(plan, step, sub, group.rows, logits)
             if group.rows is None:
                 out = sub
             else:
                 out.index_copy_(0, group.rows, sub)
         return out, plan
+
+    def _keep_source(self, plan: StepPlan, step: _PlanStep, sub: torch.Tensor, rows: torch.Tensor | None,
+                     logits: torch.Tensor) -> None:
+        """After a source processor: label its rows' sequences with their model and keep the
+        rows' distribution (``sub``, the processor's output) in ``plan.model_logits``."""
+        names = step.models(step.ctx)
+        mine = [r for r, name in enumerate(names) if name is not None]
+        if not mine:
+            return
+        for r in mine:
+            step.ctx.seqs[r].model = names[r]
+        if plan.model_logits is None:
+            buf = self._model_buffer
+            S, V = logits.shape
+            if buf is None or buf.shape[0] < S or buf.shape[1] != V or buf.dtype != logits.dtype or buf.device != logits.device:
+                buf = self._model_buffer = torch.empty((max(S, 2 * (buf.shape[0] if buf is not None else 0)), V),
+                                                       dtype=logits.dtype, device=logits.device)
+            plan.model_logits = buf[:S].copy_(logits)
+        local = torch.tensor(mine, dtype=torch.int64, device=sub.device)
+        dest = local if rows is None else rows.index_select(0, local)
+        plan.model_logits.index_copy_(0, dest, sub.index_select(0, local))
 
     def _copy(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` copied into a buffer reused from step to step (fresh multi-megabyte

@@ -149,6 +149,11 @@ class LogitsProcessor(Protocol):
     * ``forced_tokens(slot, limit) -> (tokens, end)``: tokens the processor alone allows next
       (appended without a forward pass choosing them), and whether the sequence must end now;
     * ``prefetch()`` / ``wait()``: start work for the next step on another thread / wait for it;
+    * ``models(ctx) -> list[str | None]``: a *source* processor, which replaces a row's logits by
+      another model's (output ensembling), names per row the model it drew the row from (None:
+      untouched). The chain then takes those rows' logprobs from the processor's output instead
+      of the main model's logits and labels the sequences (``CompletionOutput.model``); give such
+      a processor a stage before every other (the ``ensemble`` processor's is 50);
     * a ``stage`` attribute placing the processor in the chain (default ``Stage.GUIDANCE``).
     """
 

@@ -13,6 +13,12 @@ Users' files are sacred, so the file is opened with care:
   messages or token ids). A record counts as done only if both match this run; a file that
   holds results of another spec or overrides, or another prompt under the same id (a ``.txt``
   prompts file whose lines moved), is refused — or, with ``overwrite``, started afresh.
+* The fingerprint's ``all_candidates`` says what shape the records have: ``true`` when the run
+  had ``--all-candidates`` (a reranked request's record also lists every ranked candidate),
+  ``false`` (or absent, in files of older versions) otherwise. It is not part of ``run`` (it
+  changes no output) but a record counts as done only if it matches too: resuming with the flag
+  toggled would mix two record shapes in one file, so it is refused with a message naming the
+  flag — or, with ``overwrite``, started afresh.
 * A record with ``error`` is not done: the next run retries it and appends the new line (the
   last line of an id is the one that counts).
 * A line that is blank or not a record in the middle of the file is reported and skipped — the
@@ -30,7 +36,8 @@ from typing import IO, Any
 
 from framework.errors import ConfigError
 
-__all__ = ["ResultsFile", "StdoutResults", "run_fingerprint", "prompt_fingerprint", "is_result_record"]
+__all__ = ["ResultsFile", "StdoutResults", "run_fingerprint", "prompt_fingerprint", "record_fingerprint",
+           "is_result_record"]
 
 
 def _digest(obj: Any) -> str:
@@ -50,6 +57,16 @@ def prompt_fingerprint(prompt: Any) -> str:
     return _digest(prompt)
 
 
+def record_fingerprint(run: str, prompt: Any, all_candidates: bool = False) -> dict[str, Any]:
+    """The ``fingerprint`` of one record: the ``run`` fingerprint, the hash of its ``prompt`` and
+    whether the run wrote ``all_candidates``."""
+    return {"run": run, "prompt": prompt_fingerprint(prompt), "all_candidates": bool(all_candidates)}
+
+
+def _flag(on: bool) -> str:
+    return "with --all-candidates" if on else "without --all-candidates"
+
+
 def is_result_record(obj: Any) -> bool:
     return isinstance(obj, dict) and "id" in obj and "prompt" in obj and ("outputs" in obj or "error" in obj)
 
@@ -60,25 +77,28 @@ class ResultsFile:
 
     ``done``: ids whose last record succeeded with this run's fingerprint. ``skipped_lines``:
     1-based numbers of the lines that were not records (reported, kept in the file).
+    ``all_candidates``: whether this run's records list every ranked candidate.
     """
 
     path: Path
     run: str
+    all_candidates: bool = False
     done: set[str] = field(default_factory=set)
     retried: set[str] = field(default_factory=set)  # ids whose last record is an error
     skipped_lines: list[int] = field(default_factory=list)
     _f: IO[str] | None = None
 
     @classmethod
-    def open(cls, path: Path, run: str, prompts: dict[str, str], *, overwrite: bool = False) -> "ResultsFile":
+    def open(cls, path: Path, run: str, prompts: dict[str, str], *, overwrite: bool = False,
+             all_candidates: bool = False) -> "ResultsFile":
         """Open ``path`` for this run. ``prompts``: id -> prompt fingerprint of every record
-        of the prompts file.
+        of the prompts file; ``all_candidates``: whether this run writes every ranked candidate.
 
         Raises:
             ConfigError: the file is not a decodekit results file, or holds results of another
-                run or other prompts (without ``overwrite``).
+                run, other prompts or the other ``--all-candidates`` setting (without ``overwrite``).
         """
-        rf = cls(path, run)
+        rf = cls(path, run, bool(all_candidates))
         if path.is_dir():
             raise ConfigError(f"{path}: --output is a directory")
         data = path.read_bytes() if path.exists() else b""
@@ -139,6 +159,11 @@ class ResultsFile:
                 why = "has no fingerprint (written by an older decodekit)" if not fp else \
                     "holds results of another spec, model or --set overrides"
                 raise ConfigError(f"{self.path}: {why} (id {rid!r}); give another --output, or --overwrite to start it afresh")
+            if bool(fp.get("all_candidates", False)) != self.all_candidates:
+                was = bool(fp.get("all_candidates", False))
+                raise ConfigError(f"{self.path}: was written {_flag(was)} (id {rid!r}) and this run is {_flag(self.all_candidates)}: "
+                                  "resuming would mix records with and without 'candidates'; run it again "
+                                  f"{_flag(was)}, give another --output, or --overwrite to start it afresh")
             if rid in prompts and fp.get("prompt") != prompts[rid]:
                 raise ConfigError(f"{self.path}: id {rid!r} was generated for another prompt (the prompts file changed; "
                                   "in a .txt file ids are line numbers); give another --output, or --overwrite to start it afresh")

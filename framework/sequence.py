@@ -81,6 +81,7 @@ class Sequence:
     stop_reason: str | int | None = None
     slot: int | None = None  # logits-processor slot while running (framework.processors)
     score: float | None = None  # beam score or reranker score
+    model: str | None = None  # the model a processor draws this sequence from (output ensembling); None: the main one
 
     # -- the main model's KV (most code only needs this one) -----------------------------------
     @property
@@ -192,6 +193,7 @@ class Sequence:
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
             score=self.score,
+            model=self.model,
         )
 
     def to_output(self) -> CompletionOutput:
@@ -204,6 +206,7 @@ class Sequence:
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
             score=self.score,
+            model=self.model,
         )
 
 

@@ -151,6 +151,39 @@ def test_failed_requests_are_retried_by_the_next_run_and_nothing_is_truncated(cl
     assert len(rows(out)) == 3 and rows(out)[-1]["id"] == "p0" and "error" in rows(out)[-1]
 
 
+def test_all_candidates_records_are_the_local_runs(cluster, job, capsys):
+    """``--all-candidates`` on Ray writes the local run's records, candidates and all; the flag is
+    in the fingerprint there too (a resume with it toggled is refused before any actor starts)."""
+    from framework.cli import main
+    from framework.pipeline import Pipeline
+
+    spec = job["dir"] / "mbr.yaml"
+    spec.write_text("model: demo\nengine: {max_num_seqs: 16}\n"
+                    "sampling: {temperature: 1.0, max_tokens: 4, seed: 5, n: 2, best_of: 4}\n"
+                    "reranker: {mbr: {utility: chrf}}\n")
+    prompts = job["dir"] / "mbr_prompts.jsonl"
+    prompts.write_text("".join(job["prompts"].read_text().splitlines(keepends=True)[:6]))
+    ref_path = job["dir"] / "mbr_reference.jsonl"
+    run_records(Pipeline(load_spec(spec)), read_prompts(str(prompts)), ref_path, progress=False, all_candidates=True)
+    ref = by_id(ref_path)
+    out = job["dir"] / "mbr_ray.jsonl"
+    argv = ["run", str(spec), "--prompts", str(prompts), "--output", str(out), "--ray", "--replicas", "1",
+            "--batch-size", "3", "--no-progress"]
+    assert main(argv + ["--all-candidates"]) == 0
+    got = by_id(out)
+    assert_same(got, ref)
+    for rid, r in got.items():
+        assert r["fingerprint"]["all_candidates"] is True
+        e = ref[rid]["candidates"]
+        assert len(r["candidates"]) == 4
+        assert [(c["index"], c["text"], c["num_tokens"]) for c in r["candidates"]] == \
+            [(c["index"], c["text"], c["num_tokens"]) for c in e], rid
+        assert [c["score"] for c in r["candidates"]] == pytest.approx([c["score"] for c in e]), rid
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "was written with --all-candidates" in capsys.readouterr().err
+
+
 def test_a_killed_driver_then_a_rerun_loses_and_duplicates_nothing(cluster, job):
     out = job["dir"] / "driver_killed.jsonl"
     subset = job["dir"] / "subset.jsonl"

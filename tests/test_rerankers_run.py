@@ -49,6 +49,49 @@ def test_run_all_candidates_writes_every_ranked_candidate(tmp_path: Path, capsys
     assert printed.count("--- sample") == 6 and "/6 (" in printed and "score" in printed
 
 
+def test_resuming_with_all_candidates_toggled_is_refused_naming_the_flag(tmp_path: Path, capsys):
+    spec = tmp_path / "mbr.yaml"
+    spec.write_text(SPEC.replace("max_tokens: 10", "max_tokens: 3"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\n")
+    base = ["run", str(spec), "--prompts", str(prompts), "--no-progress", "-o"]
+    for first, second in ((["--all-candidates"], []), ([], ["--all-candidates"])):
+        out = tmp_path / f"out{len(first)}.jsonl"
+        assert main(base + [str(out)] + first) == 0
+        written = out.read_text()
+        assert json.loads(written)["fingerprint"]["all_candidates"] is bool(first)
+        capsys.readouterr()
+        assert main(base + [str(out)] + second) == 2
+        err = capsys.readouterr().err
+        was, now = ("with", "without") if first else ("without", "with")
+        assert f"was written {was} --all-candidates" in err and f"this run is {now} --all-candidates" in err, err
+        assert out.read_text() == written  # refused: nothing appended
+        assert main(base + [str(out)] + first) == 0  # the same setting resumes (nothing left to do)
+        assert "0 done, 1 skipped" in capsys.readouterr().err and out.read_text() == written
+        assert main(base + [str(out)] + second + ["--overwrite"]) == 0
+        (rec,) = map(json.loads, out.read_text().splitlines())
+        assert ("candidates" in rec) is bool(second) and rec["fingerprint"]["all_candidates"] is bool(second)
+
+
+def test_a_file_of_an_older_version_resumes_without_all_candidates(tmp_path: Path, capsys):
+    """Records written before the fingerprint had ``all_candidates`` hold best-only records."""
+    spec = tmp_path / "mbr.yaml"
+    spec.write_text(SPEC.replace("max_tokens: 10", "max_tokens: 3"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\nYou will\n")
+    out = tmp_path / "out.jsonl"
+    base = ["run", str(spec), "--prompts", str(prompts), "--no-progress", "-o", str(out)]
+    assert main(base) == 0
+    old = [json.loads(x) for x in out.read_text().splitlines()][:1]
+    del old[0]["fingerprint"]["all_candidates"]
+    out.write_text(json.dumps(old[0]) + "\n")
+    capsys.readouterr()
+    assert main(base + ["--all-candidates"]) == 2
+    assert "was written without --all-candidates" in capsys.readouterr().err
+    assert main(base) == 0
+    assert "1 done, 1 skipped" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- server
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")

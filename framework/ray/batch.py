@@ -154,16 +154,20 @@ class PipelinePredictor:
         engine_overrides: EngineConfig fields over the spec's ``engine`` section.
         run: the run fingerprint the driver computed; an actor whose spec, model or overrides
             give another one refuses to start (a node with another spec file at that path).
+        all_candidates: records of reranked requests list every ranked candidate
+            (``--all-candidates``), as the local run writes them.
     """
 
     def __init__(self, spec: str | os.PathLike, overrides: dict[str, Any] | None = None,
-                 engine_overrides: dict[str, Any] | None = None, run: str | None = None):
+                 engine_overrides: dict[str, Any] | None = None, run: str | None = None,
+                 all_candidates: bool = False):
         from framework.pipeline import Pipeline
         from framework.results_file import run_fingerprint
         from framework.spec import load_spec
 
         loaded = load_spec(Path(spec))
         self.overrides = dict(overrides or {})
+        self.all_candidates = bool(all_candidates)
         self.params = loaded.sampling_params(**self.overrides)
         self.run = run_fingerprint(loaded.spec.model, str(loaded.spec.engine.dtype), self.params)
         if run is not None and run != self.run:
@@ -174,7 +178,7 @@ class PipelinePredictor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from framework.results_file import prompt_fingerprint
+        from framework.results_file import record_fingerprint
 
         columns = {k: _plain(v) for k, v in batch.items()}
         n = len(next(iter(columns.values()))) if columns else 0
@@ -186,15 +190,16 @@ class PipelinePredictor:
                 records.append(rec)
             else:
                 rid, why = rec
-                sink.write({"id": rid, "prompt": None, "fingerprint": {"run": self.run, "prompt": prompt_fingerprint(None)},
+                sink.write({"id": rid, "prompt": None, "fingerprint": record_fingerprint(self.run, None, self.all_candidates),
                             "error": why})
         try:
-            run_records(self.pipeline, records, progress=False, overrides=self.overrides, opened=(sink, self.run))
+            run_records(self.pipeline, records, progress=False, overrides=self.overrides, opened=(sink, self.run),
+                        all_candidates=self.all_candidates)
         except Exception as exc:  # noqa: BLE001 - the batch's unfinished requests fail, the actor lives on
             finished = {r["id"] for r in sink.records}
             for rec in records:
                 if rec.id not in finished:
-                    fp = {"run": self.run, "prompt": prompt_fingerprint(rec.display())}
+                    fp = record_fingerprint(self.run, rec.display(), self.all_candidates)
                     sink.write(error_record(rec, f"engine error: {type(exc).__name__}: {exc}", fp))
         out = sink.records
         first = [r.get("outputs") or [{}] for r in out]
@@ -274,16 +279,22 @@ def check_resources(replicas: int, cpus: float, gpus: float, *, joined: bool, wh
 
 def run_ray(loaded, records: list[PromptRecord], opened: tuple[Any, str], options: RayRunOptions | None = None, *,
             overrides: dict[str, Any] | None = None, progress: bool | None = None,
-            predictor: type = PipelinePredictor, predictor_kwargs: dict[str, Any] | None = None) -> RunSummary:
+            predictor: type = PipelinePredictor, predictor_kwargs: dict[str, Any] | None = None,
+            all_candidates: bool = False) -> RunSummary:
     """Generate every record not yet done in the opened results sink on a Ray cluster.
 
     ``loaded``: the run's LoadedSpec; ``opened``: ``(sink, run fingerprint)`` of
     :func:`framework.batch_run.open_results`; ``predictor``: the callable class (a subclass of
     :class:`PipelinePredictor`) the actors run, with ``predictor_kwargs`` added to its
-    constructor's arguments.
+    constructor's arguments; ``all_candidates``: records of reranked requests list every ranked
+    candidate (``--all-candidates``; ``opened`` must have been opened with the same setting).
     """
     options = options or RayRunOptions()
     sink, run = opened
+    if getattr(sink, "all_candidates", all_candidates) != all_candidates:
+        sink.close()
+        raise ValueError(f"the results file was opened with all_candidates={sink.all_candidates}, "
+                         f"run_ray was given all_candidates={all_candidates}")
     summary = RunSummary(skipped_lines=list(sink.skipped_lines))
     todo = [r for r in records if r.id not in sink.done]
     summary.skipped = len(records) - len(todo)
@@ -313,7 +324,7 @@ def run_ray(loaded, records: list[PromptRecord], opened: tuple[Any, str], option
         ds = ds.map_batches(
             predictor, batch_size=options.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"spec": str(Path(loaded.source).resolve()), "overrides": dict(overrides or {}), "run": run,
-                                  **(predictor_kwargs or {})},
+                                  "all_candidates": all_candidates, **(predictor_kwargs or {})},
             compute=ray.data.ActorPoolStrategy(size=size), num_cpus=options.cpus_per_actor, num_gpus=gpus,
         )
         with sink:
@@ -375,11 +386,12 @@ def _user_error(exc: BaseException) -> DecodekitError | None:
 
 
 def open_output(loaded, records: list[PromptRecord], output: str, params: Any, *, overwrite: bool = False,
-                stdout: IO[str] | None = None) -> tuple[Any, str]:
+                stdout: IO[str] | None = None, all_candidates: bool = False) -> tuple[Any, str]:
     """:func:`framework.batch_run.open_results`, where ``output`` may also be a directory
     (an existing one, or a path ending in ``/``): the results go to ``DIR/results.jsonl``."""
     from framework.batch_run import open_results
 
     if output != "-" and (Path(output).is_dir() or output.endswith(("/", os.sep))):
         output = str(Path(output) / "results.jsonl")
-    return open_results(loaded, records, output, params, overwrite=overwrite, stdout=stdout)
+    return open_results(loaded, records, output, params, overwrite=overwrite, stdout=stdout,
+                        all_candidates=all_candidates)

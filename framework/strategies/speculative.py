@@ -252,6 +252,8 @@ class SpeculativeStrategy(SampleStrategy):
             self._sample_position(active, processed, params, greedy, i, chosen, accept)
         tok_t = torch.tensor(chosen, dtype=torch.long, device=dev)
         core.chain.on_tokens(plan, tok_t)
+        if plan is not None and plan.model_logits is not None:  # rows a source processor drew from another model
+            model = plan.model_logits
         logp = model.log_softmax(dim=-1)  # logprobs under the unprocessed model, like the sampler's
         lps = logp.gather(1, tok_t[:, None])[:, 0].tolist()
         kmax = max((p.logprobs or 0) for p in params)

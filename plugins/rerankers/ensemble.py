@@ -12,9 +12,12 @@ model's.
 
 Members run in lockstep with the main model (each sequence is computed by every model of the
 ensemble, in its own KV pool); the members must read the main model's token ids (same
-vocabulary and tokenizer). A candidate's ``cumulative_logprob`` (and ``logprobs``) are the main
-model's, whichever model sampled it, so ``weights: logprob`` in MBR weighs every candidate by
-one model's probability.
+vocabulary and tokenizer). The processor is a *source* (it has ``models``): every candidate is
+labelled with the model that sampled it (``CompletionOutput.model``: the main model's name or
+the member's reference as given in ``members``), and its ``cumulative_logprob`` and ``logprobs``
+are that model's own (the log-softmax of that model's logits, before temperature and
+truncation, at each token it sampled). So ``weights: logprob`` in MBR weighs each candidate by
+the probability its own model gave it.
 """
 
 from __future__ import annotations
@@ -96,6 +99,15 @@ class EnsembleSources:
                 return ref
             start += k
         return None
+
+    def models(self, ctx: Any) -> list[str]:
+        """The model each row of ``ctx`` draws from: a member's reference, or the main model's name."""
+        main = self.setup.models.main.name
+        out = []
+        for slot, seq in zip(ctx.slots, ctx.seqs):
+            params, total = self.slots[slot]
+            out.append(self.source(seq.index, params, total) or main)
+        return out
 
     def apply(self, logits: torch.Tensor, ctx: Any) -> torch.Tensor:
         by_member: dict[str, list[int]] = {}
