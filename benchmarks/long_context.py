@@ -140,10 +140,11 @@ def part_ppl(args, lines: list[str]) -> None:
     t = time.perf_counter()
     dense_lps = dense_logprobs(dense, ids, ctx)
     dense_time = time.perf_counter() - t
+    max_len = dense.engine.max_model_len
     del dense
     caches = [int(c) for c in str(args.cache).split(",")]
     lines.append(f"perplexity of {args.model} on {len(ids)} held-out Shakespeare tokens (BOS + scenes; the model's "
-                 f"context is {dense.engine.max_model_len}, trained on random 256-token windows"
+                 f"context is {max_len}, trained on random 256-token windows"
                  f"{', each starting with BOS' if Path(args.model).name == 'demo-sinks' else ''}); "
                  f"dense: independent segments of {ctx} tokens "
                  f"({dense_time:.0f} s); window / sinks: token by token through the engine's cache "
