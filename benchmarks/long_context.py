@@ -21,10 +21,11 @@ window, the model's context): tokens/s and KV blocks held per 2,000-token slice 
 
     python benchmarks/long_context.py                 # both parts
     python benchmarks/long_context.py --part ppl --tokens 4096
-    python benchmarks/long_context.py --part attn,ppl --model demo-sinks --cache 64,128,256
+    python benchmarks/long_context.py --part attn,ppl --model /tmp/sinks/demo-sinks --cache 64
 
-``--model``: any bundled LM; ``demo-sinks`` is the draft's shape trained on windows that always
-start with BOS (``tools/train_demo.py``), the setting under which StreamingLLM's sinks appear.
+``--model``: a bundled LM or a model directory, e.g. ``demo-sinks`` from ``python
+tools/train_demo.py --only demo-sinks --out /tmp/sinks`` (the draft's shape trained on windows that
+always start with BOS, StreamingLLM's sink-token pretraining; not bundled: it learned no sink).
 """
 
 from __future__ import annotations
@@ -274,7 +275,7 @@ def part_gen(args, lines: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", default="all", help="ppl, attn, gen, all, or a comma-separated list of parts")
-    ap.add_argument("--model", default="demo", help="a bundled language model (demo, demo-draft, demo-sinks) or a model directory")
+    ap.add_argument("--model", default="demo", help="a bundled language model (demo, demo-draft) or a model directory")
     ap.add_argument("--tokens", type=int, default=8 * 1024 + 1)
     ap.add_argument("--cache", default="64,256", help="KV tokens kept by window / sinks (comma-separated sizes)")
     ap.add_argument("--sinks", type=int, default=4)

