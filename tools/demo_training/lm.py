@@ -172,14 +172,23 @@ def train(
 
 # --------------------------------------------------------------------------- data
 class WindowSampler:
-    """Random training windows from per-slice token streams, slices drawn by weight (seeded)."""
+    """Random training windows from per-slice token streams, slices drawn by weight (seeded).
 
-    def __init__(self, streams: dict[str, torch.Tensor], weights: dict[str, float], seq_len: int, seed: int):
+    ``bos_first``: every window starts with BOS at position 0, followed by ``seq_len`` tokens cut
+    from a random point of the stream (a cut that starts on a document's own BOS keeps it once), so
+    position 0 always holds the same token: the "sink token" pretraining of StreamingLLM (Xiao et
+    al. 2023, section 3.3), under which a model learns to park surplus attention there. Without
+    it (the default) position 0 is an arbitrary token, seldom BOS.
+    """
+
+    def __init__(self, streams: dict[str, torch.Tensor], weights: dict[str, float], seq_len: int, seed: int,
+                 bos_first: bool = False):
         self.names = [n for n in streams if weights.get(n, 0) > 0 and streams[n].numel() > seq_len + 1]
         self.streams = streams
         w = torch.tensor([weights[n] for n in self.names], dtype=torch.float64)
         self.probs = w / w.sum()
         self.seq_len = seq_len
+        self.bos_first = bos_first
         self.gen = torch.Generator().manual_seed(seed)
 
     def batch(self, batch_size: int) -> torch.Tensor:  # [B, T + 1]
@@ -188,7 +197,12 @@ class WindowSampler:
         for i in which.tolist():
             s = self.streams[self.names[i]]
             start = int(torch.randint(0, s.numel() - self.seq_len - 1, (1,), generator=self.gen))
-            rows.append(s[start : start + self.seq_len + 1])
+            if not self.bos_first:
+                rows.append(s[start : start + self.seq_len + 1])
+            elif int(s[start]) == BOS:  # a document start: its own BOS is position 0
+                rows.append(s[start : start + self.seq_len + 1])
+            else:
+                rows.append(torch.cat([s.new_tensor([BOS]), s[start : start + self.seq_len]]))
         return torch.stack(rows).long()
 
 
@@ -198,15 +212,21 @@ def lm_loss(model: CausalLM, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def perplexity(model: CausalLM, streams: dict[str, torch.Tensor], seq_len: int, batch_size: int = 16) -> dict[str, float]:
-    """Held-out perplexity per slice and over all held-out tokens (non-overlapping windows)."""
+def perplexity(model: CausalLM, streams: dict[str, torch.Tensor], seq_len: int, batch_size: int = 16,
+               bos_first: bool = False) -> dict[str, float]:
+    """Held-out perplexity per slice and over all held-out tokens (non-overlapping windows;
+    ``bos_first``: each window is BOS + ``seq_len`` tokens, as :class:`WindowSampler` makes them)."""
     total_nll, total_n = 0.0, 0
     out: dict[str, float] = {}
     for name, s in streams.items():
         n_win = (s.numel() - 1) // seq_len
         if n_win == 0:
             continue
-        wins = torch.stack([s[i * seq_len : i * seq_len + seq_len + 1] for i in range(n_win)]).long()
+        if bos_first:
+            bos = s.new_tensor([BOS])
+            wins = torch.stack([torch.cat([bos, s[i * seq_len : i * seq_len + seq_len]]) for i in range(n_win)]).long()
+        else:
+            wins = torch.stack([s[i * seq_len : i * seq_len + seq_len + 1] for i in range(n_win)]).long()
         nll, n = 0.0, 0
         for j in range(0, n_win, batch_size):
             b = wins[j : j + batch_size]
