@@ -81,6 +81,8 @@ def convert(src: Path, dst: Path, dtype: str) -> Path:
         elif dtype == "bfloat16":
             raw = t.float().bfloat16().view(torch.int16).numpy().view(np.uint16)
             w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        elif a.shape[-1] % 32:  # q8_0 needs rows of whole blocks; llama.cpp's converter falls back to f16
+            w.add_tensor(name, a.astype(np.float16))
         else:  # q8_0: byte array; the writer derives the element shape from it
             w.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
