@@ -28,10 +28,11 @@ class LlamaCppBatch:
     """A GGUF model in one llama.cpp context that decodes up to ``n_seq`` sequences together.
 
     ``n_ctx_seq`` is the most tokens (prompt + generated) of one sequence; ``threads`` is used for
-    both the prompt pass and decoding. Call :meth:`close` (or use ``with``) to free the context."""
+    both the prompt pass and decoding; ``kv_type`` is the KV cache's element type (``"f16"``,
+    llama.cpp's default, or ``"f32"``). Call :meth:`close` (or use ``with``) to free the context."""
 
     def __init__(self, gguf_path: str | Path, n_seq: int, n_ctx_seq: int, threads: int,
-                 n_batch: int = 2048, quiet: bool = True) -> None:
+                 n_batch: int = 2048, kv_type: str = "f16", quiet: bool = True) -> None:
         import llama_cpp  # type: ignore[import-not-found]
 
         self._l = l = llama_cpp
@@ -52,6 +53,10 @@ class LlamaCppBatch:
         cp.n_threads = threads
         cp.n_threads_batch = threads
         cp.no_perf = True
+        kv = {"f16": l.GGML_TYPE_F16, "f32": l.GGML_TYPE_F32}.get(kv_type)
+        if kv is None:
+            raise ValueError(f"kv_type: {kv_type!r} is not 'f16' or 'f32'")
+        cp.type_k = cp.type_v = kv
         self.ctx = l.llama_init_from_model(self.model, cp)
         if not self.ctx:
             l.llama_model_free(self.model)

@@ -329,6 +329,13 @@ def gguf_file(path: Path, dtype: str) -> Path:
     return out
 
 
+def llama_cpp_kv_type(dtype: str) -> str:
+    """llama.cpp's KV cache type: f32 for float32 runs (decodekit and HF keep f32 K/V too; llama.cpp's
+    default f16 cache flips near-ties of the random weights), else llama.cpp's default f16 (the
+    same size as decodekit's bfloat16 cache)."""
+    return "f32" if dtype == "float32" else "f16"
+
+
 def run_llama_cpp(args, name: str, path: Path, dtype: str, vocab: int, log) -> list[Row]:
     """llama.cpp (llama-cpp-python's C API, ``llama_cpp_batch.py``) on a GGUF conversion of the
     same checkpoint (int8: Q8_0), same prompts, greedy, same thread count. Batch B is B sequences
@@ -345,7 +352,7 @@ def run_llama_cpp(args, name: str, path: Path, dtype: str, vocab: int, log) -> l
         rows.append(row)
         try:
             with LlamaCppBatch(gguf_path, n_seq=batch, n_ctx_seq=args.prompt_len + args.gen_len + 8,
-                               threads=args.threads) as lc:
+                               threads=args.threads, kv_type=llama_cpp_kv_type(dtype)) as lc:
                 lc.generate(make_prompts(name, batch, args.prompt_len, vocab, "warmup"), min(8, args.gen_len))
                 ttfts, tpots, walls = [], [], []
                 for r in range(args.repeats):
@@ -529,7 +536,8 @@ def machine_header(args, llama_cpp: str | None, model_info: list[str]) -> list[s
         "HF: (t(N) - t(1)) / (N - 1)); tok/s = generated tokens / wall time of the whole run; "
         "vs HF = tok/s / HF tok/s; vs llama.cpp = tok/s / llama.cpp tok/s (GGUF conversion of the same "
         "checkpoint, benchmarks/gguf_convert.py; llama.cpp TTFT = prompt pass of the whole batch, ms/token = "
-        "(t(N) - t(1)) / (N - 1), batch B = B sequences in one context decoded together); "
+        "(t(N) - t(1)) / (N - 1), batch B = B sequences in one context decoded together; KV cache f32 for "
+        "float32, else llama.cpp's default f16); "
         "int8 = decodekit quantization int8 (bfloat16 activations, one scale per output row) vs llama.cpp Q8_0 "
         "(one scale per 32 weights); same as HF = share of the greedy tokens matching HF's "
         "(common prefix; a sanity check, float rounding can flip near-ties of random weights)",

@@ -74,7 +74,7 @@ def test_llama_cpp_greedy_equals_hf_f32(tmp_path: Path, arch: str) -> None:
     n = 20
     want = _hf_greedy(model, prompts, n)
     gguf_path = convert(src, tmp_path / f"{arch}.gguf", "float32")
-    with LlamaCppBatch(gguf_path, n_seq=len(prompts), n_ctx_seq=64, threads=1, n_batch=16) as lc:
+    with LlamaCppBatch(gguf_path, n_seq=len(prompts), n_ctx_seq=64, threads=1, n_batch=16, kv_type="f32") as lc:
         _, _, got = lc.generate(prompts, n)  # three sequences together, prompt pass over two batches
         _, _, alone = lc.generate(prompts[1:2], n)
     assert got == want
