@@ -57,7 +57,10 @@ def convert(src: Path, dst: Path, dtype: str) -> Path:
     w.add_head_count_kv(nkv)
     w.add_rope_dimension_count(cfg.get("head_dim") or H // nh)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
+    rope = cfg.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{src}: rope_type {rope.get('rope_type')!r} is not converted (only 'default')")
+    w.add_rope_freq_base(float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))))
     w.add_file_type({
         "float32": gguf.LlamaFileType.ALL_F32,
         "bfloat16": gguf.LlamaFileType.MOSTLY_BF16,

@@ -107,7 +107,7 @@ TARGETS: dict[tuple[str, int], float] = {
 
 FRAMEWORKS = ("decodekit", "hf", "llama.cpp")
 DTYPES = ("float32", "bfloat16", "int8")  # int8: decodekit quantization int8 / llama.cpp Q8_0
-GGUF_FORMAT = 2  # bump when gguf_convert.py changes what it writes
+GGUF_FORMAT = 3  # bump when gguf_convert.py changes what it writes
 
 
 def checkpoint_dir(cache: Path, name: str) -> Path:
