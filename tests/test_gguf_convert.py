@@ -74,11 +74,19 @@ def test_llama_cpp_greedy_equals_hf_f32(tmp_path: Path, arch: str) -> None:
     n = 20
     want = _hf_greedy(model, prompts, n)
     gguf_path = convert(src, tmp_path / f"{arch}.gguf", "float32")
+    import llama_cpp
+
     with LlamaCppBatch(gguf_path, n_seq=len(prompts), n_ctx_seq=64, threads=1, n_batch=16, kv_type="f32") as lc:
         _, _, got = lc.generate(prompts, n)  # three sequences together, prompt pass over two batches
         _, _, alone = lc.generate(prompts[1:2], n)
+        # logits of the last step (position len + n - 2): tokens can agree while the rope base is off
+        ptr = llama_cpp.llama_get_logits_ith(lc.ctx, 0)
+        lc_logits = np.ctypeslib.as_array(ptr, shape=(lc.n_vocab,)).copy()
     assert got == want
     assert alone == want[1:2]
+    with torch.inference_mode():
+        hf_logits = model(torch.tensor([prompts[1] + want[1][:-1]])).logits[0, -1].numpy()
+    assert np.abs(lc_logits - hf_logits).max() < 1e-3 * np.abs(hf_logits).max()
 
 
 def test_q8_0_blocks_and_logits(tmp_path: Path) -> None:
