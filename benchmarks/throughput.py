@@ -1,10 +1,13 @@
-"""Throughput benchmark: decodekit vs Hugging Face transformers on CPU.
+"""Throughput benchmark: decodekit vs Hugging Face transformers and llama.cpp on CPU.
 
-For every model x dtype x batch size, both frameworks generate from the same random-initialised
-checkpoint and the same random prompts (greedy, a fixed number of new tokens) and the script
-reports time to first token, time per output token, generated tokens per second, and
-decodekit's throughput as a multiple of transformers'. The table is printed and written to
-``--out`` with a header describing the machine. See ``benchmarks/README.md``.
+For every model x dtype x batch size, the frameworks generate from the same random-initialised
+checkpoint (llama.cpp: its GGUF conversion, ``gguf_convert.py``) and the same random prompts
+(greedy, a fixed number of new tokens) and the script reports time to first token, time per
+output token, generated tokens per second, and decodekit's throughput as a multiple of
+transformers' and of llama.cpp's. dtype ``int8`` is decodekit's ``quantization: int8`` (bfloat16
+activations) against llama.cpp's Q8_0; transformers has no int8 CPU path, so its cell is n/a.
+The table is printed and written to ``--out`` with a header describing the machine. See
+``benchmarks/README.md``.
 
     python benchmarks/throughput.py                       # full matrix (takes a while)
     python benchmarks/throughput.py --quick               # tiny model, seconds
@@ -88,8 +91,14 @@ MODELS: dict[str, dict[str, Any]] = {
 CHECKPOINT_SEED = 1234
 CHECKPOINT_FORMAT = 1  # bump to invalidate every cached checkpoint
 
-# Targets from the performance issue: decodekit tok/s as a multiple of transformers' tok/s.
-LLAMA_CPP_TARGETS: dict[tuple[str, int], float] = {("llama40m", 1): 0.6}  # decodekit / llama.cpp tok/s
+# Targets from the performance issue: decodekit tok/s as a multiple of llama.cpp's tok/s
+# ((model, dtype or None for every dtype, batch)), and of transformers' tok/s ((model, batch)).
+LLAMA_CPP_TARGETS: dict[tuple[str, str | None, int], float] = {
+    ("llama40m", None, 1): 0.6,
+    ("qwen05b", "bfloat16", 1): 0.8,  # moonshot 1.0x
+    ("qwen05b", None, 16): 1.0,       # 16 concurrent requests vs llama.cpp's 16 sequences in one batch
+    ("qwen05b", "int8", 1): 0.8,      # quantization int8 vs Q8_0
+}
 TARGETS: dict[tuple[str, int], float] = {
     ("llama40m", 1): 2.5,   # one request vs HF generate on one prompt
     ("llama40m", 16): 2.0,  # 16 concurrent requests vs HF static batch of 16
@@ -97,6 +106,8 @@ TARGETS: dict[tuple[str, int], float] = {
 }
 
 FRAMEWORKS = ("decodekit", "hf", "llama.cpp")
+DTYPES = ("float32", "bfloat16", "int8")  # int8: decodekit quantization int8 / llama.cpp Q8_0
+GGUF_FORMAT = 3  # bump when gguf_convert.py changes what it writes
 
 
 def checkpoint_dir(cache: Path, name: str) -> Path:
@@ -196,8 +207,9 @@ def run_decodekit(args, name: str, path: Path, dtype: str, vocab: int, log) -> l
     rows: list[Row] = []
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    quant = {"quantization": "int8", "dtype": "bfloat16"} if dtype == "int8" else {"dtype": dtype}
     llm = LLM(
-        model=str(path), skip_tokenizer_init=True, dtype=dtype,
+        model=str(path), skip_tokenizer_init=True, **quant,
         max_num_seqs=max(args.batches), num_threads=args.threads,
     )
     log(f"  decodekit: loaded in {time.perf_counter() - t0:.1f}s")
@@ -251,6 +263,9 @@ def run_hf(args, name: str, path: Path, dtype: str, vocab: int, log) -> list[Row
 
     _quiet_transformers()
     rows: list[Row] = []
+    if dtype == "int8":
+        return [Row(name, dtype, b, "hf", error="not measured: transformers has no int8 CPU generation path")
+                for b in args.batches]
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
@@ -301,62 +316,63 @@ def run_hf(args, name: str, path: Path, dtype: str, vocab: int, log) -> list[Row
     return rows
 
 
-def run_llama_cpp(args, name: str, path: Path, dtype: str, vocab: int, log) -> list[Row]:
-    """llama.cpp (llama-cpp-python) on a GGUF conversion of the same checkpoint, same prompts,
-    greedy (top_k=1), same thread count. One sequence at a time: batch sizes above 1 are not
-    measured (the high-level API has no multi-sequence batch)."""
-    from gguf_convert import convert_llama
+def gguf_file(path: Path, dtype: str) -> Path:
+    """The GGUF conversion of checkpoint ``path`` (written once, next to the checkpoint)."""
+    from gguf_convert import convert
 
-    import llama_cpp  # type: ignore[import-not-found]
+    gtype = "q8_0" if dtype == "int8" else dtype
+    out = path / f"model-{gtype}-v{GGUF_FORMAT}.gguf"
+    if not out.is_file():
+        tmp = out.with_suffix(".tmp")
+        convert(path, tmp, gtype)
+        tmp.rename(out)
+    return out
+
+
+def llama_cpp_kv_type(dtype: str) -> str:
+    """llama.cpp's KV cache type: f32 for float32 runs (decodekit and HF keep f32 K/V too; llama.cpp's
+    default f16 cache flips near-ties of the random weights), else llama.cpp's default f16 (the
+    same size as decodekit's bfloat16 cache)."""
+    return "f32" if dtype == "float32" else "f16"
+
+
+def run_llama_cpp(args, name: str, path: Path, dtype: str, vocab: int, log) -> list[Row]:
+    """llama.cpp (llama-cpp-python's C API, ``llama_cpp_batch.py``) on a GGUF conversion of the
+    same checkpoint (int8: Q8_0), same prompts, greedy, same thread count. Batch B is B sequences
+    in one context, decoded together: one llama_batch for all prompts, then one token per sequence
+    per step. TTFT is the prompt pass of the whole batch; ms/token is (t(N) - t(1)) / (N - 1)."""
+    from llama_cpp_batch import LlamaCppBatch
 
     rows: list[Row] = []
-    if MODELS[name]["family"] != "llama":
-        for batch in args.batches:
-            rows.append(Row(name, dtype, batch, "llama.cpp", error="not measured: only llama checkpoints are converted to GGUF"))
-        return rows
-    gguf_path = path / f"model-{dtype}.gguf"
-    if not gguf_path.is_file():
-        convert_llama(path, gguf_path.with_suffix(".tmp"), dtype)
-        gguf_path.with_suffix(".tmp").rename(gguf_path)
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=args.prompt_len + args.gen_len + 8, n_threads=args.threads,
-                          n_threads_batch=args.threads, n_batch=min(512, args.prompt_len), verbose=False)
-
-    def generate(prompt: list[int], n: int) -> tuple[float, list[int]]:
-        out: list[int] = []
-        t = time.perf_counter()
-        for tok in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-            out.append(tok)
-            if len(out) == n:
-                break
-        return time.perf_counter() - t, out
-
-    try:
-        for batch in args.batches:
-            row = Row(name, dtype, batch, "llama.cpp")
-            rows.append(row)
-            if batch != 1:
-                row.error = "not measured: llama-cpp-python's Llama runs one sequence at a time"
-                continue
-            generate(make_prompts(name, 1, args.prompt_len, vocab, "warmup")[0], min(8, args.gen_len))
-            ttfts, tpots, walls = [], [], []
-            for r in range(args.repeats):
-                prompt = make_prompts(name, 1, args.prompt_len, vocab, "timed", r)[0]
-                t1, _ = generate(prompt, 1)
-                tn, out = generate(prompt, args.gen_len)
-                _check_lengths([out], 1, args.gen_len, "llama.cpp")
-                ttfts.append(t1)
-                if args.gen_len > 1:
-                    tpots.append((tn - t1) / (args.gen_len - 1))
-                walls.append(tn)
-                if r == 0:
-                    row.tokens = [out]
+    t0 = time.perf_counter()
+    gguf_path = gguf_file(path, dtype)
+    log(f"  llama.cpp: {gguf_path.name} ready in {time.perf_counter() - t0:.1f}s")
+    for batch in args.batches:
+        row = Row(name, dtype, batch, "llama.cpp")
+        rows.append(row)
+        try:
+            with LlamaCppBatch(gguf_path, n_seq=batch, n_ctx_seq=args.prompt_len + args.gen_len + 8,
+                               threads=args.threads, kv_type=llama_cpp_kv_type(dtype)) as lc:
+                lc.generate(make_prompts(name, batch, args.prompt_len, vocab, "warmup"), min(8, args.gen_len))
+                ttfts, tpots, walls = [], [], []
+                for r in range(args.repeats):
+                    prompts = make_prompts(name, batch, args.prompt_len, vocab, "timed", r)
+                    t1, tn, out = lc.generate(prompts, args.gen_len)
+                    _check_lengths(out, batch, args.gen_len, "llama.cpp")
+                    ttfts.append(t1)
+                    if args.gen_len > 1:
+                        tpots.append((tn - t1) / (args.gen_len - 1))
+                    walls.append(tn)
+                    if r == 0:
+                        row.tokens = out
             row.ttft_ms = _median(ttfts) * 1e3
             row.ms_per_token = _median(tpots) * 1e3 if tpots else None
             row.wall_s = _median(walls)
-            row.tok_s = args.gen_len / row.wall_s
-            log(f"  llama.cpp batch 1: {fmt_row_short(row)}")
-    finally:
-        del llm
+            row.tok_s = batch * args.gen_len / row.wall_s
+            log(f"  llama.cpp batch {batch}: {fmt_row_short(row)}")
+        except Exception as exc:
+            row.error = f"{type(exc).__name__}: {exc}"
+            log(f"  llama.cpp batch {batch} FAILED:\n{traceback.format_exc()}")
         gc.collect()
     return rows
 
@@ -368,6 +384,16 @@ def llama_cpp_status() -> str | None:
     except Exception:
         return None
     return str(getattr(llama_cpp, "__version__", "unknown version"))
+
+
+def llama_cpp_system_info() -> str:
+    """llama.cpp's own summary of the CPU features its build uses (AVX512, ...)."""
+    try:
+        import llama_cpp  # type: ignore[import-not-found]
+
+        return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    except Exception as exc:  # pragma: no cover
+        return f"unavailable ({type(exc).__name__})"
 
 
 def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -452,14 +478,14 @@ def render_targets(rows: list[Row], args: argparse.Namespace) -> list[str]:
         note = f" [workload {args.prompt_len}->{args.gen_len} tokens, the targets are for 128->128]"
     for r in rows:
         target = TARGETS.get((r.model, r.batch))
-        if r.framework != "decodekit" or target is None:
+        if r.framework != "decodekit" or target is None or r.dtype == "int8":  # HF has no int8 cell
             continue
         q = ratio(r, rows)
         verdict = "not measured" if q is None else ("met" if q >= target else "MISSED")
         got = "-" if q is None else f"{q:.2f}x"
         out.append(f"  {r.model} {r.dtype} batch {r.batch}: {got} HF tok/s (target >= {target}x) {verdict}{note}")
     for r in rows:
-        target = LLAMA_CPP_TARGETS.get((r.model, r.batch))
+        target = LLAMA_CPP_TARGETS.get((r.model, r.dtype, r.batch), LLAMA_CPP_TARGETS.get((r.model, None, r.batch)))
         if r.framework != "decodekit" or target is None:
             continue
         q = ratio_lcpp(r, rows)
@@ -498,6 +524,7 @@ def machine_header(args, llama_cpp: str | None, model_info: list[str]) -> list[s
         f"software: python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, decodekit {dk_version}, "
         f"llama.cpp {'(llama_cpp ' + llama_cpp + ')' if llama_cpp else 'not installed'}",
+        *([f"llama.cpp system info: {llama_cpp_system_info()}"] if llama_cpp else []),
         f"threads: {args.threads} (torch.set_num_threads)",
         f"workload: prompt {args.prompt_len} tokens -> {args.gen_len} new tokens, greedy, length forced "
         f"(decodekit ignore_eos, HF min_new_tokens); random token prompts; "
@@ -508,7 +535,11 @@ def machine_header(args, llama_cpp: str | None, model_info: list[str]) -> list[s
         "max_new_tokens=1); ms/token = time per output token after the first (decodekit: mean TPOT; "
         "HF: (t(N) - t(1)) / (N - 1)); tok/s = generated tokens / wall time of the whole run; "
         "vs HF = tok/s / HF tok/s; vs llama.cpp = tok/s / llama.cpp tok/s (GGUF conversion of the same "
-        "checkpoint, benchmarks/gguf_convert.py; batch 1 only); same as HF = share of decodekit's greedy tokens matching HF's "
+        "checkpoint, benchmarks/gguf_convert.py; llama.cpp TTFT = prompt pass of the whole batch, ms/token = "
+        "(t(N) - t(1)) / (N - 1), batch B = B sequences in one context decoded together; KV cache f32 for "
+        "float32, else llama.cpp's default f16); "
+        "int8 = decodekit quantization int8 (bfloat16 activations, one scale per output row) vs llama.cpp Q8_0 "
+        "(one scale per 32 weights); same as HF = share of the greedy tokens matching HF's "
         "(common prefix; a sanity check, float rounding can flip near-ties of random weights)",
     ]
     return lines
@@ -521,7 +552,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=csv, default=None, help=f"comma list of {', '.join(MODELS)} (default: llama40m,qwen05b; --quick: tiny)")
-    p.add_argument("--dtypes", type=csv, default=["float32", "bfloat16"], help="comma list (default: float32,bfloat16)")
+    p.add_argument("--dtypes", type=csv, default=list(DTYPES),
+                   help="comma list of float32, bfloat16, int8 (decodekit quantization int8 vs llama.cpp Q8_0) "
+                   "(default: all three)")
     p.add_argument("--batches", type=lambda s: [int(x) for x in csv(s)], default=[1, 16], help="concurrent requests / HF batch sizes (default: 1,16)")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128; --quick: 16)")
     p.add_argument("--gen-len", type=int, default=None, help="new tokens per request (default 128; --quick: 8)")
@@ -542,7 +575,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.out = HERE / "results" / ("throughput-quick.txt" if args.quick else "throughput.txt")
     args.frameworks = ["llama.cpp" if f.replace(".", "").lower() == "llamacpp" else f.lower() for f in args.frameworks]
     for what, vals, allowed in (("model", args.models, MODELS), ("framework", args.frameworks, FRAMEWORKS),
-                                ("dtype", args.dtypes, ("float32", "bfloat16"))):
+                                ("dtype", args.dtypes, DTYPES)):
         bad = [v for v in vals if v not in allowed]
         if bad:
             p.error(f"unknown {what}(s) {', '.join(bad)}; choose from {', '.join(allowed)}")
@@ -588,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     got += run_llama_cpp(args, name, path, dtype, vocab, log)
                 except Exception as exc:
-                    got.append(Row(name, dtype, 1, "llama.cpp", error=f"{type(exc).__name__}: {exc}"))
+                    got += [Row(name, dtype, b, "llama.cpp", error=f"{type(exc).__name__}: {exc}") for b in args.batches]
                     log(f"  llama.cpp FAILED:\n{traceback.format_exc()}")
             for r in got:
                 if r.framework in ("decodekit", "llama.cpp") and r.tokens is not None:
