@@ -134,8 +134,9 @@ class EngineCore:
         learn the sampled tokens (``on_tokens``) before any sequence can finish."""
         processed, plan = self.chain.apply(seqs, logits, offsets)
         model = plan.model_logits if plan is not None and plan.model_logits is not None else logits
+        gens = [s.generator_at(s.num_tokens + (offsets[i] if offsets else 0)) for i, s in enumerate(seqs)]
         batch = SamplingBatch.build(
-            [s.request.params for s in seqs], [s.generator for s in seqs], self.generator,
+            [s.request.params for s in seqs], gens, self.generator,
             model_logits=None if processed is logits else model,
         )
         out = self.sampler.sample(batch, processed)
@@ -225,7 +226,8 @@ class EngineCore:
         from framework.sequence import SeqKV
 
         p = req.params
-        gen = None if p.seed is None else torch.Generator().manual_seed((p.seed + index) % 2**64)
+        seed = None if p.seed is None else (p.seed + index) % 2**64
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
         detok = None
         if self.tokenizer is not None:
             from framework.tokenizer import IncrementalDetokenizer
@@ -235,7 +237,7 @@ class EngineCore:
             seq_id=self.new_seq_id(), request=req, index=index,
             token_ids=list(req.prompt_token_ids), num_prompt_tokens=len(req.prompt_token_ids),
             generator=gen, detok=detok, logprobs=[] if p.logprobs is not None else None,
-            kv=[SeqKV() for _ in req.pools],
+            kv=[SeqKV() for _ in req.pools], seed=seed,
         )
         req.seqs.append(seq)
         return seq

@@ -26,6 +26,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from framework.tokenizer import IncrementalDetokenizer
 
 
+def _mix_seed(seed: int, position: int) -> int:
+    """A 63-bit seed from (seed, position): splitmix64's finaliser over both, so nearby seeds
+    (forks use seed + index) and nearby positions give unrelated streams."""
+    m = (1 << 64) - 1
+
+    def fin(z: int) -> int:
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & m
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & m
+        return z ^ (z >> 31)
+
+    return fin((fin(seed & m) + 0x9E3779B97F4A7C15 * (position + 1)) & m) >> 1
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -82,6 +95,21 @@ class Sequence:
     slot: int | None = None  # logits-processor slot while running (framework.processors)
     score: float | None = None  # beam score or reranker score
     model: str | None = None  # the model a processor draws this sequence from (output ensembling); None: the main one
+    seed: int | None = None  # the seed of ``generator`` (position-keyed draws: generator_at)
+
+    def generator_at(self, position: int) -> torch.Generator | None:
+        """The sequence's generator, re-seeded for the draws that decide the token at
+        ``position`` (an index into ``token_ids``); None for an unseeded sequence.
+
+        Keying every draw by (seed, position) rather than by how many draws came before makes a
+        seeded sequence's tokens independent of how its steps were grouped: ordinary decoding,
+        speculative steps whose drafts were accepted, rejected or dropped for the step's token
+        budget, and recomputation after preemption all draw the same noise for the same token.
+        Every consumer of the generator (sampler, draft model) calls this before drawing."""
+        g = self.generator
+        if g is None or self.seed is None:
+            return g
+        return g.manual_seed(_mix_seed(self.seed, position))
 
     # -- the main model's KV (most code only needs this one) -----------------------------------
     @property

@@ -171,6 +171,32 @@ def test_prompt_lookup_matches_brute_force():
         assert lookup(np.asarray(toks), k, lo, hi) == want
 
 
+def _brute_lookup(toks: list[int], k: int, lo: int, hi: int) -> list[int]:
+    for n in range(min(hi, len(toks) - 1), lo - 1, -1):
+        pat = toks[len(toks) - n:]
+        starts = [s for s in range(len(toks) - n) if toks[s:s + n] == pat]
+        if starts:
+            return toks[starts[-1] + n: starts[-1] + n + k]
+    return []
+
+
+def test_ngram_index_matches_brute_force_as_tokens_grow():
+    """The drafter's incremental index proposes exactly what a full rescan finds, at every length."""
+    import random
+
+    from plugins.drafters.prompt_lookup import NgramIndex
+
+    rng = random.Random(1)
+    for _ in range(40):
+        lo, hi = rng.randrange(1, 3), rng.randrange(2, 5)
+        idx = NgramIndex(lo, hi)
+        toks = [rng.randrange(3) for _ in range(rng.randrange(1, 4))]
+        while len(toks) < 40:
+            k = rng.randrange(1, 6)
+            assert idx.propose(toks, k) == _brute_lookup(toks, k, lo, hi), (toks, k, lo, hi)
+            toks += [rng.randrange(3) for _ in range(rng.randrange(1, 4))]  # one step's tokens (1..3)
+
+
 def test_metrics_endpoint_reports_acceptance(tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
@@ -205,3 +231,24 @@ def test_metrics_endpoint_reports_acceptance(tmp_path):
         assert m["decodekit_spec_num_emitted_tokens_total"] <= 40
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("drafter", ["prompt_lookup", pytest.param("draft_model", marks=pytest.mark.slow)])
+def test_seeded_sampling_reproduces_whatever_the_batch_and_equals_ordinary_decoding(ref, drafter):
+    """Seeded draws are keyed by (seed, position): a seeded request gives the same tokens alone,
+    inside a batch whose step budget drops drafts, and without any drafter at all."""
+    prompt = WORDS[13]
+    sp = SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=4321, ignore_eos=True)
+    plain = ref.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    alone = LLM("demo", dtype="float32", drafter=DRAFTERS[drafter])
+    got = alone.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert alone.engine.stats()["spec_num_accepted_tokens"] > 0  # drafts were accepted
+    # 8 decoding rows with 4-token drafts do not fit a 12-token step: drafts get dropped
+    tight = LLM("demo", dtype="float32", drafter=DRAFTERS[drafter], max_num_batched_tokens=12)
+    others = SamplingParams(max_tokens=28, temperature=1.0, ignore_eos=True)
+    outs = tight.generate(WORDS[:3] + [prompt] + WORDS[4:8], [others] * 3 + [sp] + [others] * 4, use_tqdm=False)
+    st = tight.engine.stats()
+    assert st["spec_num_drafts_dropped"] > 0 and st["spec_num_drafts"] > 0
+    assert got == plain
+    assert outs[3].outputs[0].token_ids == plain
+    assert tight.engine.check_all_free() and alone.engine.check_all_free()

@@ -189,3 +189,81 @@ def test_seeded_requests_reproduce(tiny):
     assert batch[3].outputs[0].token_ids == alone
     assert llm.generate([list(PROMPT)], sp)[0].outputs[0].token_ids == alone
     assert llm.engine.check_all_free()
+
+
+# ------------------------------------------------------------------------- under a grammar constraint
+CHARS = list("abc0123456789")  # ids 3..15; 0-2 are <pad>, <s>, </s>
+REGEX = r"[abc][0-9][abc][0-9]+"  # tokens 1-4: letter, digit, letter, digit (never accepting before 4)
+CONSTRAINED = dict(temperature=0.9, repetition_penalty=1.2)
+CPROMPT = [3, 6, 4, 7, 5, 8, 3, 6, 4]  # "a0b1c2a0b": every letter recurs, followed by a digit (lookup drafts)
+
+
+def _write_tokenizer(path: Path) -> None:
+    """A word-level tokenizer.json whose 13 ordinary tokens are single characters."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tok.save(str(path / "tokenizer.json"))
+
+
+def _allowed(k: int) -> torch.Tensor:
+    """[V] bool: the tokens REGEX allows as output token ``k`` (0-based) — by hand, for k < 4."""
+    chars = "abc" if k % 2 == 0 else "0123456789"
+    return torch.tensor([i >= 3 and CHARS[i - 3] in chars for i in range(V)])
+
+
+def _exact_constrained(model) -> torch.Tensor:
+    """[V, V, V, V] probability of the first four output tokens under repetition penalty,
+    temperature and the REGEX mask, by enumeration with HF."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper
+
+    procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(CONSTRAINED["repetition_penalty"]),
+                                 TemperatureLogitsWarper(CONSTRAINED["temperature"])])
+    conts = torch.tensor(list(itertools.product(range(V), repeat=3)))
+    ids = torch.cat([torch.tensor(CPROMPT).expand(len(conts), -1), conts], dim=1)
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    L = len(CPROMPT)
+    cond = []
+    for k in range(4):
+        scores = procs(ids[:, : L + k], logits[:, L - 1 + k].clone())
+        cond.append(scores.masked_fill(~_allowed(k), float("-inf")).softmax(dim=-1))
+    joint = cond[0][0].view(V, 1, 1, 1)
+    joint = joint * cond[1].view(V, V, V, V)[:, 0, 0].view(V, V, 1, 1)
+    joint = joint * cond[2].view(V, V, V, V)[:, :, 0].view(V, V, V, 1)
+    joint = joint * cond[3].view(V, V, V, V)
+    joint = torch.nan_to_num(joint)  # rows after a disallowed prefix are never reached
+    assert abs(float(joint.sum()) - 1.0) < 1e-4
+    return joint.double()
+
+
+# ~7 s (prompt lookup, default) and ~11 s (the draft model, -m slow) on a quiet core
+@pytest.mark.parametrize("drafter", [pytest.param("good_draft", marks=pytest.mark.slow), "prompt_lookup"])
+def test_constrained_speculative_sampling_matches_the_exact_distribution(tiny, drafter, tmp_path):
+    """A regex constraint masks p at every draft position (grammar state advanced by the tokens
+    accepted before it only): speculative draws of tokens 1-3 and 2-4 follow the constrained,
+    processed distribution."""
+    import shutil
+
+    root = tiny["root"]
+    target = tmp_path / "target"
+    shutil.copytree(root / "target", target)
+    _write_tokenizer(target)
+    llm = LLM(str(target), dtype="float32", max_num_seqs=512, seed=13, drafter=DRAFTERS[drafter](root))
+    exact = _exact_constrained(tiny["target"])
+    sp = SamplingParams(max_tokens=4, n=N_PER, regex=REGEX, **CONSTRAINED)  # EOS is masked before token 5
+    counts = torch.zeros(V, V, V, V, dtype=torch.long)
+    for out in llm.generate([{"prompt_token_ids": list(CPROMPT)}] * N_REQ, sp, use_tqdm=False):
+        for c in out.outputs:
+            assert len(c.token_ids) == 4 and all(_allowed(k)[t] for k, t in enumerate(c.token_ids))
+            counts[tuple(c.token_ids)] += 1
+    assert int(counts.sum()) == N_REQ * N_PER >= 20_000
+    p_first = _chi2_p(counts.sum(dim=3), exact.sum(dim=3))  # tokens 1-3
+    p_verified = _chi2_p(counts.sum(dim=0), exact.sum(dim=0))  # tokens 2-4: drafted, drafted, bonus
+    assert p_first > 1e-3 and p_verified > 1e-3, (p_first, p_verified)
+    st = llm.engine.stats()
+    assert st["spec_num_draft_tokens"] > 0.5 * N_REQ * N_PER and st["spec_num_accepted_tokens"] > 0.05 * N_REQ * N_PER
+    assert llm.engine.check_all_free()

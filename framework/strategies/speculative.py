@@ -14,11 +14,14 @@ sequences — position ``i`` of every sequence still accepting is processed toge
    grammar mask, temperature, truncation). Processors never see a rejected token, so nothing of
    theirs needs rolling back;
 2. greedy rows (``temperature == 0``) accept the draft token when it is the argmax of ``p``;
-   sampled rows accept ``x`` with probability ``min(1, p(x) / q(x))`` (Leviathan et al. 2023;
-   Chen et al. 2023; ``q`` one-hot for a point-mass drafter such as prompt lookup);
-3. a rejected position draws its token from ``norm(max(0, p - q))`` (through the engine's
-   sampler, so seeded rows use their own generator); when the whole draft is accepted a bonus
-   token is drawn from ``p`` at the position after it.
+   unseeded sampled rows accept ``x`` with probability ``min(1, p(x) / q(x))`` (Leviathan et
+   al. 2023; Chen et al. 2023; ``q`` one-hot for a point-mass drafter such as prompt lookup);
+   seeded rows draw their token from ``p`` with the generator keyed by (seed, position), exactly
+   as ordinary decoding does, and accept the draft token iff it is that token (coupling: the
+   output is ordinary seeded decoding's, whatever was drafted, dropped or grouped in a step);
+3. a rejected unseeded position draws its token from ``norm(max(0, p - q))`` (through the
+   engine's sampler); when the whole draft is accepted a bonus token is drawn from ``p`` at the
+   position after it.
 
 Every token is appended through :meth:`~framework.engine_core.EngineCore.append` (logprobs
 under the unprocessed model, stop strings, ``max_tokens``), so several tokens landing in one
@@ -74,6 +77,7 @@ class SpecStats:
         self.num_accepted_tokens = 0
         self.num_emitted_tokens = 0  # tokens appended by verification steps (accepted + 1 each)
         self.num_verify_steps = 0  # target forwards that verified at least one draft
+        self.num_drafts_dropped = 0  # drafts dropped because the step's token budget could not hold them
 
     def as_dict(self) -> dict[str, float | int]:
         d = self.num_draft_tokens
@@ -83,6 +87,7 @@ class SpecStats:
             "spec_num_accepted_tokens": self.num_accepted_tokens,
             "spec_num_emitted_tokens": self.num_emitted_tokens,
             "spec_num_verify_steps": self.num_verify_steps,
+            "spec_num_drafts_dropped": self.num_drafts_dropped,
             "spec_acceptance_rate": self.num_accepted_tokens / d if d else 0.0,
             "spec_mean_accepted_length": self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0,
         }
@@ -162,6 +167,7 @@ class SpeculativeStrategy(SampleStrategy):
     def on_draft_dropped(self, seq: "Sequence") -> None:
         """The draft did not fit the step's budget: the drafter's work past the sequence is void."""
         if self._pending.pop(seq.seq_id, None) is not None:
+            self.spec.num_drafts_dropped += 1
             self.core.drafter.accepted(seq, 0)
 
     # -- verification ------------------------------------------------------------------------
@@ -278,12 +284,20 @@ class SpeculativeStrategy(SampleStrategy):
 
     def _sample_position(self, active: list[_Row], processed: torch.Tensor, params: list, greedy: list[bool],
                          i: int, chosen: list[int], accept: list[bool]) -> None:
-        """Sampled rows at position ``i``: accept the draft token with probability
-        ``min(1, p/q)``; otherwise (or past the draft) draw from the residual (or from ``p``)."""
+        """Sampled rows at position ``i``.
+
+        Unseeded rows accept the draft token with probability ``min(1, p/q)`` and otherwise draw
+        from the residual ``norm(max(0, p - q))`` (or from ``p`` past the draft). Seeded rows
+        draw their token from ``p`` exactly as ordinary decoding would, with the generator keyed
+        by (seed, position) (:meth:`~framework.sequence.Sequence.generator_at`), and accept the
+        draft token iff it is that token — so their output does not depend on drafting at all."""
         core = self.core
         dev = processed.device
-        drafted = [j for j, r in enumerate(active) if not greedy[j] and i < len(r.draft)]
-        need = [j for j, r in enumerate(active) if not greedy[j] and i >= len(r.draft)]  # bonus / no draft
+        drafted = [j for j, r in enumerate(active)
+                   if not greedy[j] and i < len(r.draft) and r.seq.generator is None]
+        # from p: bonus / no draft, and every seeded row
+        need = [j for j, r in enumerate(active)
+                if not greedy[j] and (i >= len(r.draft) or r.seq.generator is not None)]
         resid_logits: torch.Tensor | None = None
         rejected: list[int] = []
         if drafted:
@@ -299,14 +313,7 @@ class SpeculativeStrategy(SampleStrategy):
                     Q[k] = q[i].to(dev, torch.float32)
             px = P.gather(1, x[:, None])[:, 0]
             qx = Q.gather(1, x[:, None])[:, 0]
-            u = torch.empty(len(drafted))
-            shared = [k for k, j in enumerate(drafted) if active[j].seq.generator is None]
-            if shared:
-                u[shared] = torch.rand(len(shared), generator=core.generator)
-            for k, j in enumerate(drafted):
-                g = active[j].seq.generator
-                if g is not None:
-                    u[k] = torch.rand((), generator=g)
+            u = torch.rand(len(drafted), generator=core.generator)
             ok = ((qx > 0) & (u.to(dev) * qx < px)).tolist()
             xs = x.tolist()
             rej_k = []
@@ -332,7 +339,11 @@ class SpeculativeStrategy(SampleStrategy):
         if resid_logits is not None:
             parts.append(resid_logits)
         sub = parts[0] if len(parts) == 1 else torch.cat(parts)
-        batch = SamplingBatch.build([params[j] for j in rows], [active[j].seq.generator for j in rows], core.generator)
+        gens = [active[j].seq.generator_at(active[j].seq.num_tokens) for j in rows]  # None for unseeded
+        batch = SamplingBatch.build([params[j] for j in rows], gens, core.generator)
         drawn = core.sampler.sample(batch, sub).tokens.tolist()
         for k, j in enumerate(rows):
             chosen[j] = drawn[k]
+            r = active[j]
+            if r.seq.generator is not None and i < len(r.draft):
+                accept[j] = drawn[k] == r.draft[i]

@@ -10,8 +10,9 @@ Per step, for the sequences asked: one forward catches the draft's KV up with th
 target accepted since (the whole prompt the first time) and gives the distribution of the first
 draft position; then one forward per further draft token, all batched across sequences. Greedy
 requests draft the argmax; sampled requests draw from ``q = softmax(logits / temperature)``
-(the request's temperature; seeded requests draw with their own generator) and report ``q`` so
-the verifier can accept exactly.
+(the request's temperature) and report ``q`` so the verifier can accept exactly. A seeded
+request draws with its generator keyed by (seed, position) — the very noise the target's sampler
+uses for that token — so its drafts are coupled to the target's own draws.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ class DraftModelDrafter:
             q = scaled.softmax(dim=-1)
             noise = torch.empty_like(q)
             for r, i in enumerate(live):
-                g = seqs[i].generator or self.generator
+                # a seeded row draws the noise the target's sampler will draw for this position
+                # (coupled draws: the draft agrees wherever q and p pick the same token)
+                g = seqs[i].generator_at(seqs[i].num_tokens + t) or self.generator
                 noise[r] = torch.empty(q.shape[1]).exponential_(generator=g).to(q.device)
             toks = torch.where(greedy, q.argmax(dim=-1), (q / noise).argmax(dim=-1)).tolist()
             nxt = []
