@@ -161,7 +161,7 @@ def choose_kernel(dtype: torch.dtype, device: torch.device, quantization: str | 
         raise ValueError(f"quantization {quantization!r} is not supported (use 'int8' or none)")
     if device.type == "cpu":
         rows = 0
-        if dtype in NATIVE_ROWS and native_gemv.available():
+        if dtype in NATIVE_ROWS and native_gemv.available(dtype):
             rows = NATIVE_ROWS[dtype]
         if dtype == torch.bfloat16 and kernel_works("onednn-packed", dtype):
             return LinearKernel("onednn-packed", dtype, rows)

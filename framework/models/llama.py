@@ -110,7 +110,7 @@ class LlamaForCausalLM(nn.Module):
         # projections: the fastest working kernel here (prepacked bf16 oneDNN, fp32 oneDNN, int8
         # weight-only after quantize(), F.linear elsewhere); see framework/models/cpu_linear.py
         self.linear = choose_kernel(dtype, self.device)
-        self._native_rms = self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native_gemv.available()
+        self._native_rms = self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native_gemv.available(dtype)
 
     def quantize(self, mode: str | None) -> None:
         """Weight-only quantization of every projection and the output head (``'int8'``: one

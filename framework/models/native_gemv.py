@@ -10,8 +10,10 @@ count is ``torch.get_num_threads()``).
 The C source is compiled with the system compiler into ``~/.cache/decodekit/native`` (or
 ``$DECODEKIT_CACHE_DIR/native``) the first time it is needed and loaded with :mod:`ctypes`.
 :func:`available` is False — and callers use their pure-torch path — when there is no compiler,
-the CPU lacks AVX-512 (F, BW, BF16), the build fails, ``DECODEKIT_NATIVE_GEMV=0`` is set, or the
-kernel disagrees with ``F.linear`` on a probe.
+the CPU lacks AVX-512 (F, BW, VL, DQ), the build fails, ``DECODEKIT_NATIVE_GEMV=0`` is set, or the
+kernel disagrees with ``F.linear`` on a probe. The bfloat16 kernels also need AVX512_BF16
+(``vdpbf16ps``; compiled for that target alone, so the float32 kernels run on CPUs without it):
+``available(torch.bfloat16)`` says whether they can be used.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ static inline float bf16_to_f32(uint16_t h) {
 }
 
 /* bfloat16 x, W, b, y; float32 accumulation with vdpbf16ps (pairs of k). */
-void dk_gemv_bf16(const uint16_t *x, int64_t N, int64_t K, const uint16_t *W, int64_t M,
+__attribute__((target("avx512bf16"))) void dk_gemv_bf16(const uint16_t *x, int64_t N, int64_t K, const uint16_t *W, int64_t M,
                   const uint16_t *b, uint16_t *y) {
     const int64_t K32 = K & ~31LL;
     const int64_t rem = K - K32;
@@ -129,10 +131,11 @@ void dk_rms_bf16(const uint16_t *x, int64_t N, int64_t H, const uint16_t *w, flo
 }
 """
 
-_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
+_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
           "-shared", "-fPIC"]
 _LIB: Any = None
 _TRIED = False
+_DTYPES: frozenset[torch.dtype] = frozenset()  # the dtypes whose kernels passed the probe here
 _LOCK = threading.Lock()
 
 
@@ -145,16 +148,24 @@ def _cache_dir() -> Path:
     return Path.home() / ".cache" / "decodekit" / "native"
 
 
-def _cpu_ok() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = set()
         for ln in Path("/proc/cpuinfo").read_text().splitlines():
             if ln.startswith("flags"):
-                flags = set(ln.split(":", 1)[1].split())
-                break
+                return set(ln.split(":", 1)[1].split())
     except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"} <= flags
+        pass
+    return set()
+
+
+def _cpu_ok() -> bool:
+    """AVX-512 F/BW/VL/DQ and FMA: what the float32 kernels (and the bf16 RMSNorm) need."""
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= _cpu_flags()
+
+
+def _bf16_ok() -> bool:
+    """AVX512_BF16 too: what the bfloat16 GEMV (vdpbf16ps) needs."""
+    return _cpu_ok() and "avx512_bf16" in _cpu_flags()
 
 
 def _build() -> Any:
@@ -187,9 +198,11 @@ def _build() -> Any:
     return lib
 
 
-def _probe(lib: Any) -> bool:
+def _probe(lib: Any, dtypes: tuple[torch.dtype, ...]) -> bool:
     g = torch.Generator().manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        if dtype not in dtypes:
+            continue
         for n, k, m in ((1, 256, 48), (3, 100, 17), (4, 37, 5), (7, 64, 9)):
             x = torch.randn(n, k, generator=g).to(dtype)
             w = torch.randn(m, k, generator=g).to(dtype)
@@ -228,26 +241,29 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def library() -> Any:
     """The loaded kernels, or None when they cannot be used here."""
-    global _LIB, _TRIED
+    global _LIB, _TRIED, _DTYPES
     if _TRIED:
         return _LIB
     with _LOCK:
         if not _TRIED:
             lib = None
             if os.environ.get("DECODEKIT_NATIVE_GEMV", "1").strip().lower() not in ("0", "off", "false", "no"):
+                dtypes = (torch.float32, torch.bfloat16) if _bf16_ok() else (torch.float32,)
                 try:
                     lib = _build()
-                    if lib is not None and not _probe(lib):
+                    if lib is not None and not _probe(lib, dtypes):
                         lib = None
                 except (OSError, subprocess.SubprocessError, AttributeError):
                     lib = None
+                _DTYPES = frozenset(dtypes) if lib is not None else frozenset()
             _LIB = lib
             _TRIED = True
     return _LIB
 
 
-def available() -> bool:
-    return library() is not None
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the kernels for ``dtype`` (float32 or bfloat16) can be used on this machine."""
+    return library() is not None and dtype in _DTYPES
 
 
 def _call(lib: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
