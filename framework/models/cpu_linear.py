@@ -34,6 +34,11 @@ KERNELS = ("onednn-packed", "onednn", "int8", "torch")
 # Largest batch the native GEMV takes per dtype: beyond it oneDNN's blocked kernels win
 # (measured on the 40M and demo shapes, 1-2 threads, AVX-512 EPYC; benchmarks/README.md).
 NATIVE_ROWS: dict[torch.dtype, int] = {torch.float32: 8, torch.bfloat16: 4}
+# small float32 weights (at most SMALL_WEIGHT elements) keep the native GEMV up to SMALL_ROWS rows:
+# there oneDNN's per-call overhead dominates (demo's 9-token verify steps: prompt lookup g=8 1.53x ->
+# 1.88x on code, 1.19x -> 1.50x on quotation), while all 16 rows native on llama40m's projections
+# cost 5% at batch 16 (563 vs 596 tok/s; benchmarks/speculative.py --parts lookup, throughput.py)
+SMALL_ROWS, SMALL_WEIGHT = 16, 1 << 19
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,6 +72,7 @@ class LinearKernel:
         self.name = name
         self.dtype = dtype
         self.native_rows = native_rows
+        self.small_rows = SMALL_ROWS if native_rows and dtype == torch.float32 else 0
         self._packed: dict[int, tuple[torch.Tensor, int, Any]] = {}
 
     @property
@@ -96,7 +102,9 @@ class LinearKernel:
         return entry[2]
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        if x.shape[0] <= self.native_rows and x.dim() == 2 and x.dtype == w.dtype and not torch.is_grad_enabled():
+        n = x.shape[0]
+        if (n <= self.native_rows or (n <= self.small_rows and w.numel() <= SMALL_WEIGHT)) \
+                and x.dim() == 2 and x.dtype == w.dtype and not torch.is_grad_enabled():
             return native_gemv.gemv(x, w, b)
         name = self.name
         if name == "onednn":
